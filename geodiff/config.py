@@ -1,0 +1,485 @@
+"""Typed, frozen recipe configuration.
+
+A recipe YAML maps one to one onto :class:`Recipe`: every top-level key is a section,
+every section is a frozen dataclass below, every key a documented field.  Unknown keys,
+wrong types and impossible values raise :class:`ConfigError` naming the key path and
+the allowed values, before any data is opened.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe key is unknown, mistyped or out of range (message names the key path)."""
+
+
+# ---------------------------------------------------------------------------------------
+# sections
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the training fields come from."""
+
+    source: str
+    """Catalog entry name, or a path to a NetCDF file / Zarr store."""
+    variables: tuple[str, ...]
+    """Data variables to model (each becomes one channel per level)."""
+    catalog: str | None = None
+    """Path of a user catalog YAML; ``None`` uses the bundled ``data_catalog.yaml``."""
+    sample_dims: tuple[str, ...] = ("time",)
+    """Dimensions that index samples (e.g. ``[scenario, time]``); the rest are lat/lon/level."""
+    memory_budget_gb: float = 2.0
+    """Load the scaled training data into memory when it fits this budget, else stream."""
+
+    def validate(self, path: str) -> None:
+        _require(len(self.variables) > 0, f"{path}.variables", self.variables, "at least one")
+        _require(len(self.sample_dims) > 0, f"{path}.sample_dims", self.sample_dims,
+                 "at least one sample dimension, e.g. [time]")
+        _require(self.memory_budget_gb >= 0, f"{path}.memory_budget_gb", self.memory_budget_gb,
+                 ">= 0")
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """How samples are divided into train / validation / test (always by time, never shuffled)."""
+
+    kind: Literal["year_modulo", "fraction", "time_ranges"] = "fraction"
+    """``year_modulo``: test = years with ``year % modulo == remainder``;
+    ``fraction``: the last ``test_fraction`` of times is test, the ``val_fraction`` before it
+    validation; ``time_ranges``: explicit inclusive ``[start, end]`` date strings."""
+    modulo: int = 10
+    remainder: int = 5
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    train: tuple[str, str] | None = None
+    val: tuple[str, str] | None = None
+    test: tuple[str, str] | None = None
+
+    def validate(self, path: str) -> None:
+        _require(self.modulo >= 2, f"{path}.modulo", self.modulo, ">= 2")
+        _require(0 <= self.remainder < self.modulo, f"{path}.remainder", self.remainder,
+                 f"0 <= remainder < modulo ({self.modulo})")
+        for name in ("val_fraction", "test_fraction"):
+            v = getattr(self, name)
+            _require(0.0 <= v < 1.0, f"{path}.{name}", v, "0 <= value < 1")
+        _require(self.val_fraction + self.test_fraction < 1.0, f"{path}.val_fraction",
+                 self.val_fraction, "val_fraction + test_fraction < 1")
+        if self.kind == "time_ranges":
+            _require(self.train is not None, f"{path}.train", self.train,
+                     "a [start, end] pair when kind is time_ranges")
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    """Invertible map of each variable (and level) to about [-1, 1], fitted on the train split."""
+
+    method: Literal["minmax", "quantile", "standard"] = "minmax"
+    """``minmax``: data range; ``quantile``: robust range between ``quantiles``;
+    ``standard``: mean +- ``n_std`` standard deviations."""
+    margin: float = 0.05
+    """Fraction of the range added on both sides, so unseen extremes land just outside [-1, 1]."""
+    quantiles: tuple[float, float] = (0.001, 0.999)
+    n_std: float = 3.0
+    per_level: bool = True
+    """Fit separate statistics per vertical level for 3-D variables."""
+    transform: Literal["none", "log1p"] = "none"
+    """Applied before the range scaling (``log1p`` for positive, skewed fields)."""
+    anomaly: Literal["none", "climatology", "trend"] = "none"
+    """Subtract a fitted mean field first: ``climatology`` (day-of-year / month mean per
+    pixel) or ``trend`` (per-pixel smooth regression on the ``trend_coord`` coordinate,
+    separately for each value of ``trend_by``)."""
+    trend_coord: str = "year"
+    trend_by: str | None = None
+    trend_degree: int = 3
+    climatology_period: Literal["dayofyear", "month"] = "month"
+    per_pixel_std: bool = False
+    """Divide the anomaly by its per-pixel standard deviation before range scaling."""
+
+    def validate(self, path: str) -> None:
+        _require(0.0 <= self.margin <= 1.0, f"{path}.margin", self.margin, "0 <= margin <= 1")
+        lo, hi = self.quantiles
+        _require(0.0 <= lo < hi <= 1.0, f"{path}.quantiles", self.quantiles,
+                 "0 <= low < high <= 1")
+        _require(self.n_std > 0, f"{path}.n_std", self.n_std, "> 0")
+        _require(0 <= self.trend_degree <= 8, f"{path}.trend_degree", self.trend_degree,
+                 "0..8")
+
+
+@dataclass(frozen=True)
+class ConditioningConfig:
+    """What the network is conditioned on."""
+
+    year: bool = False
+    """Add the (normalised) calendar year of each sample to the condition vector."""
+    day_of_year: bool = False
+    """Add sin/cos of the day of year (calendar aware) to the condition vector."""
+    labels: tuple[str, ...] = ()
+    """Categorical coordinates (e.g. ``scenario``) added one-hot to the condition vector."""
+    fields: tuple[str, ...] = ()
+    """Other data variables given to the network as input channels."""
+    static_fields: tuple[str, ...] = ()
+    """Time-invariant variables (land-sea mask, orography) given as input channels."""
+    coord_channels: bool = True
+    """Add sin/cos latitude and longitude as input channels."""
+    mask_channel: bool = True
+    """Add the validity mask (1 = valid) as an input channel when the data has NaNs."""
+    dropout: float = 0.0
+    """Probability of dropping the condition vector in training (classifier-free guidance)."""
+
+    def validate(self, path: str) -> None:
+        _require(0.0 <= self.dropout < 1.0, f"{path}.dropout", self.dropout, "0 <= p < 1")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The lat-lon UNet."""
+
+    channels: tuple[int, ...] = (64, 128, 256)
+    """Width of each resolution level (the grid is halved between levels)."""
+    blocks_per_level: int = 2
+    attention_levels: tuple[int, ...] = (2,)
+    """Indices of levels (0 = full resolution) that get self-attention."""
+    attention_heads: int = 4
+    dropout: float = 0.0
+    groups: int = 8
+    """GroupNorm groups (must divide every width)."""
+    periodic_lon: Literal["auto", "yes", "no"] = "auto"
+    """Circular padding in longitude; ``auto`` follows the grid's periodicity."""
+    pole_padding: Literal["auto", "yes", "no"] = "auto"
+    """Pole-aware latitude padding (rows across the pole come from lon + 180 deg)."""
+
+    def validate(self, path: str) -> None:
+        _require(len(self.channels) >= 1, f"{path}.channels", self.channels, "at least one level")
+        for c in self.channels:
+            _require(c > 0 and c % self.groups == 0, f"{path}.channels", self.channels,
+                     f"positive widths divisible by groups={self.groups}")
+        _require(self.blocks_per_level >= 1, f"{path}.blocks_per_level", self.blocks_per_level,
+                 ">= 1")
+        for lvl in self.attention_levels:
+            _require(0 <= lvl < len(self.channels), f"{path}.attention_levels",
+                     self.attention_levels, f"level indices in 0..{len(self.channels) - 1}")
+        _require(0.0 <= self.dropout < 1.0, f"{path}.dropout", self.dropout, "0 <= p < 1")
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """The noising process and the training objective."""
+
+    parameterization: Literal["edm", "ddpm"] = "edm"
+    """``edm``: Karras et al. (2022) preconditioned denoiser; ``ddpm``: Ho et al. (2020)."""
+    prediction: Literal["eps", "v", "x0"] = "eps"
+    """Network target for ``ddpm``."""
+    schedule: Literal["linear", "cosine"] = "linear"
+    timesteps: int = 1000
+    p_mean: float = -1.2
+    """EDM: mean of log(sigma) in training (log-normal noise levels)."""
+    p_std: float = 1.2
+    sigma_data: float | None = None
+    """EDM: data standard deviation; ``None`` estimates it from the scaled training data."""
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    lat_weighted: bool = True
+    """Weight the loss by cos(latitude) area weights (normalised to mean 1)."""
+
+    def validate(self, path: str) -> None:
+        _require(self.timesteps >= 2, f"{path}.timesteps", self.timesteps, ">= 2")
+        _require(self.p_std > 0, f"{path}.p_std", self.p_std, "> 0")
+        _require(0 < self.sigma_min < self.sigma_max, f"{path}.sigma_min", self.sigma_min,
+                 f"0 < sigma_min < sigma_max ({self.sigma_max})")
+        if self.sigma_data is not None:
+            _require(self.sigma_data > 0, f"{path}.sigma_data", self.sigma_data, "> 0 or null")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """The optimisation loop."""
+
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 50
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    grad_clip: float = 1.0
+    ema_halflife_steps: float = 100.0
+    """EMA half-life in optimizer steps (decay = 0.5 ** (1 / half-life))."""
+    ema_warmup_steps: int = 0
+    """Steps during which the EMA simply copies the weights."""
+    val_every: int = 250
+    checkpoint_every: int = 250
+    keep_last: int = 3
+    seed: int = 0
+    amp: Literal["auto", "bf16", "off"] = "auto"
+    """``auto``: bf16 autocast on CUDA devices that support it, float32 elsewhere."""
+    compile: bool = False
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    max_time_s: float | None = None
+    """Stop (and checkpoint) after this many seconds of training, whatever ``steps`` says."""
+    num_workers: int = 0
+    log_every: int = 10
+
+    def validate(self, path: str) -> None:
+        _require(self.steps >= 1, f"{path}.steps", self.steps, ">= 1")
+        _require(self.batch_size >= 1, f"{path}.batch_size", self.batch_size, ">= 1")
+        _require(self.lr > 0, f"{path}.lr", self.lr, "> 0")
+        _require(self.warmup_steps >= 0, f"{path}.warmup_steps", self.warmup_steps, ">= 0")
+        _require(self.grad_clip >= 0, f"{path}.grad_clip", self.grad_clip, ">= 0 (0 = off)")
+        _require(self.ema_halflife_steps > 0, f"{path}.ema_halflife_steps",
+                 self.ema_halflife_steps, "> 0")
+        _require(self.keep_last >= 1, f"{path}.keep_last", self.keep_last, ">= 1")
+        for name in ("val_every", "checkpoint_every", "log_every"):
+            _require(getattr(self, name) >= 1, f"{path}.{name}", getattr(self, name), ">= 1")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Default ensemble generation settings (overridable per call)."""
+
+    sampler: Literal["heun", "dpmpp", "ddim", "ddpm"] = "heun"
+    steps: int = 18
+    eta: float = 0.0
+    """DDIM stochasticity (0 = deterministic, 1 = ancestral)."""
+    guidance: float = 1.0
+    """Classifier-free guidance scale (1 = plain conditional model)."""
+    members: int = 32
+    batch_size: int = 32
+    rho: float = 7.0
+    """Exponent of the Karras et al. (2022) noise-level spacing."""
+
+    def validate(self, path: str) -> None:
+        _require(self.steps >= 1, f"{path}.steps", self.steps, ">= 1")
+        _require(0.0 <= self.eta <= 1.0, f"{path}.eta", self.eta, "0 <= eta <= 1")
+        _require(self.guidance >= 0, f"{path}.guidance", self.guidance, ">= 0")
+        _require(self.members >= 1, f"{path}.members", self.members, ">= 1")
+        _require(self.batch_size >= 1, f"{path}.batch_size", self.batch_size, ">= 1")
+
+
+@dataclass(frozen=True)
+class GapFillConfig:
+    """Gap filling (inpainting) evaluation settings."""
+
+    enabled: bool = False
+    cloud_fraction: float = 0.3
+    """Fraction of valid pixels hidden as artificial clouds in the held-out fields."""
+    resample: int = 5
+    """RePaint resampling jumps per step (Lugmayr et al. 2022)."""
+
+    def validate(self, path: str) -> None:
+        _require(0.0 < self.cloud_fraction < 1.0, f"{path}.cloud_fraction", self.cloud_fraction,
+                 "0 < fraction < 1")
+        _require(self.resample >= 1, f"{path}.resample", self.resample, ">= 1")
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """Where results go."""
+
+    dir: str = "geodiff-runs"
+    formats: tuple[Literal["netcdf", "zarr"], ...] = ("netcdf",)
+    threshold: float | None = None
+    """Threshold (physical units) for exceedance-probability maps; ``None`` = training mean."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A full experiment: data, model, training and sampling."""
+
+    name: str
+    data: DataConfig
+    split: SplitConfig = field(default_factory=SplitConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    gapfill: GapFillConfig = field(default_factory=GapFillConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    description: str = ""
+
+    def validate(self) -> Recipe:
+        _require(bool(self.name), "name", self.name, "a non-empty string")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if is_dataclass(value) and hasattr(value, "validate"):
+                value.validate(f.name)
+        cond = self.conditioning
+        if self.scaling.anomaly == "trend":
+            _require(cond.year or self.scaling.trend_coord != "year", "scaling.anomaly", "trend",
+                     "conditioning.year: true (the trend is a function of the year, so the model"
+                     " must know it)")
+        return self
+
+    # -- (de)serialisation -----------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def override(self, assignments: list[str] | tuple[str, ...]) -> Recipe:
+        """Apply ``section.key=value`` overrides (value parsed as YAML)."""
+        data = self.to_dict()
+        for item in assignments:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} is not of the form section.key=value")
+            key, raw = item.split("=", 1)
+            parts = key.strip().split(".")
+            node = data
+            for i, part in enumerate(parts[:-1]):
+                if not isinstance(node.get(part), dict):
+                    raise ConfigError(f"override {key!r}: {'.'.join(parts[:i + 1])!r} is not a "
+                                      f"section; sections are {sorted(data)}")
+                node = node[part]
+            node[parts[-1]] = yaml.safe_load(raw)
+        return recipe_from_dict(data)
+
+
+def recipe_from_dict(data: dict[str, Any]) -> Recipe:
+    """Build and validate a :class:`Recipe` from plain YAML data."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"a recipe must be a mapping of sections, got {type(data).__name__}")
+    recipe = _build(Recipe, data, "")
+    return recipe.validate()
+
+
+def load_recipe(path_or_name: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a recipe YAML (a path, or the name of a bundled recipe such as ``quickstart``)."""
+    path = resolve_recipe_path(path_or_name)
+    with open(path, encoding="utf-8") as fh:
+        data = yaml.safe_load(fh)
+    try:
+        recipe = recipe_from_dict(data)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    return recipe.override(list(overrides)) if overrides else recipe
+
+
+def bundled_recipes() -> dict[str, Path]:
+    """Names and paths of the recipes shipped with geodiff."""
+    here = Path(__file__).resolve().parent
+    out: dict[str, Path] = {}
+    for folder in (here / "recipes", here.parent / "recipes"):
+        if folder.is_dir():
+            for p in sorted(folder.glob("*.yaml")):
+                out.setdefault(p.stem, p)
+    return out
+
+
+def resolve_recipe_path(path_or_name: str | Path) -> Path:
+    p = Path(path_or_name)
+    if p.is_file():
+        return p
+    known = bundled_recipes()
+    if str(path_or_name) in known:
+        return known[str(path_or_name)]
+    raise ConfigError(f"recipe {str(path_or_name)!r} is neither a file nor a bundled recipe; "
+                      f"bundled recipes are {sorted(known)}")
+
+
+# ---------------------------------------------------------------------------------------
+# helpers
+
+
+def _require(ok: bool, key: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} = {value!r} is invalid: expected {rule}")
+
+
+def _to_plain(obj: Any) -> Any:
+    if is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, (tuple, list)):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    where = path or "recipe"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping, got {data!r}")
+    hints = get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {[_join(path, k) for k in unknown]}; "
+                          f"allowed keys in {where}: {sorted(known)}")
+    kwargs = {}
+    for name, f in known.items():
+        if name in data:
+            kwargs[name] = _coerce(hints[name], data[name], _join(path, name))
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"missing required key {_join(path, name)!r}")
+    return cls(**kwargs)
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:  # noqa: PLR0911 - one branch per type kind
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{path} must not be null")
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, path)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{path} = {value!r}: "
+                          + " / ".join(errors))
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{path} = {value!r} is not allowed; choose one of {list(allowed)}")
+        return value
+    if origin is tuple:
+        args = get_args(tp)
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            if len(args) == 2 and args[1] is Ellipsis:  # a single item is accepted for a list
+                value = [value]
+            else:
+                raise ConfigError(f"{path} = {value!r} must be a list")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{path} = {value!r} must have {len(args)} items")
+        return tuple(_coerce(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if is_dataclass(tp):
+        return _build(tp, value, path)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path} = {value!r} must be true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path} = {value!r} must be an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path} = {value!r} must be a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{path} = {value!r} must be a string")
+        return str(value)
+    if tp is typing.Any:
+        return value
+    raise TypeError(f"unsupported config type {tp!r} at {path}")  # internal: a dataclass bug

@@ -1,0 +1,14 @@
+"""Shared pytest set-up: run from a source checkout, deterministic single-process torch."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# Never reach the network for coastlines or data; matplotlib without a display.
+os.environ.setdefault("MPLBACKEND", "Agg")
