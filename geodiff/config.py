@@ -427,7 +427,7 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-def _coerce(tp: Any, value: Any, path: str) -> Any:  # noqa: PLR0911 - one branch per type kind
+def _coerce(tp: Any, value: Any, path: str) -> Any:
     origin = get_origin(tp)
     if origin in (Union, types.UnionType):
         args = get_args(tp)

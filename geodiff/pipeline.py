@@ -1,0 +1,294 @@
+"""The bridge between the xarray world and the tensor world for one recipe.
+
+``prepare_data`` turns a recipe into scaled torch datasets (catalog -> grid -> split ->
+Scaler fitted on the train split -> FieldDataset); ``build_denoiser`` builds the
+preconditioned UNet it trains; ``Objective`` is the training loss as a module (so DDP
+sees one forward); ``load_model`` rebuilds everything needed to generate from a
+checkpoint alone, without the training data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+from torch import nn
+
+from geodiff import checkpoint as ckpt
+from geodiff.config import Recipe, recipe_from_dict
+
+
+@dataclass
+class DataBundle:
+    """Scaled training data of a recipe and everything derived from it."""
+
+    source: xr.Dataset
+    """The standardised (canonical lat/lon) source Dataset, lazy."""
+    splits: dict[str, xr.Dataset]
+    scaler: Any
+    cond_spec: Any
+    padding: Any
+    train: Any
+    val: Any | None
+    grid: Any
+    valid: np.ndarray
+    """(C, lat, lon) bool: pixels valid in at least one training sample."""
+    fields: torch.Tensor
+    """(F, H+, W+) the network's extra input channels at generation time."""
+    sample_dims: tuple[str, ...]
+    variables: tuple[str, ...]
+    var_attrs: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def channels(self) -> int:
+        return len(self.train.channel_names)
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        """What the network shape depends on (stored in the checkpoint)."""
+        return {"in_channels": self.channels + int(self.fields.shape[0]),
+                "out_channels": self.channels, "cond_dim": int(self.cond_spec.dim),
+                "periodic": bool(self.grid.periodic), "global_lat": bool(self.grid.global_lat),
+                "sigma_data": self.sigma_data}
+
+    @property
+    def sigma_data(self) -> float:
+        """Weighted standard deviation of the scaled training fields (EDM's sigma_data)."""
+        if not hasattr(self, "_sigma_data"):
+            from geodiff.edm import estimate_sigma_data
+
+            n = min(len(self.train), 512)
+            items = [self.train[i] for i in np.linspace(0, len(self.train) - 1, n).astype(int)]
+            x = torch.stack([it["x"] for it in items])  # (n, C, H+, W+)
+            w = torch.stack([it["weight"] for it in items])
+            self._sigma_data = float(estimate_sigma_data(x, w))
+        return self._sigma_data
+
+    def meta(self, recipe: Recipe) -> dict[str, Any]:
+        """JSON metadata of a checkpoint: enough to generate without the data."""
+        return {
+            "format": "geodiff-checkpoint/1",
+            "recipe": recipe.to_dict(),
+            "spec": self.spec,
+            "scaler": self.scaler.to_dict(),
+            "cond_spec": self.cond_spec.to_dict(),
+            "padding": _padding_to_dict(self.padding),
+            "grid": self.grid.to_dict(),
+            "channel_names": list(self.train.channel_names),
+            "variables": list(self.variables),
+            "var_attrs": self.var_attrs,
+            "sample_dims": list(self.sample_dims),
+            "valid": self.valid.astype(np.uint8).tolist(),
+            "fields": self.fields.tolist(),
+            "versions": ckpt.versions(),
+        }
+
+    def check_compatible(self, meta: dict[str, Any]) -> None:
+        """Raise if a checkpoint was trained on another grid or other variables."""
+        problems = []
+        if list(meta["variables"]) != list(self.variables):
+            problems.append(f"variables {meta['variables']} vs data {list(self.variables)}")
+        if list(meta["channel_names"]) != list(self.train.channel_names):
+            problems.append(f"channels {meta['channel_names']} vs data "
+                            f"{list(self.train.channel_names)}")
+        theirs = meta["grid"]
+        mine = self.grid.to_dict()
+        for key in ("lat", "lon"):
+            a, b = np.asarray(theirs[key]), np.asarray(mine[key])
+            if a.shape != b.shape or not np.allclose(a, b):
+                problems.append(f"{key}: checkpoint has {a.size} points "
+                                f"[{a.min():g}..{a.max():g}], data has {b.size} "
+                                f"[{b.min():g}..{b.max():g}]")
+        if problems:
+            raise ValueError("checkpoint does not match this data: " + "; ".join(problems)
+                             + ". Use the recipe and data the checkpoint was trained with, or "
+                             "start a new run directory.")
+
+
+def prepare_data(recipe: Recipe) -> DataBundle:
+    """Open, split, fit the scaler on the train split and build the torch datasets."""
+    from geodiff.scaling import Scaler
+
+    from geodiff import catalog, data, grid
+
+    dc = recipe.data
+    ds = catalog.open_dataset(dc.source, catalog=dc.catalog, variables=list(dc.variables))
+    info = grid.grid_info(ds)
+    missing = [d for d in dc.sample_dims if d not in ds.dims]
+    if missing:
+        raise ValueError(f"data.sample_dims={list(dc.sample_dims)}: {missing} not among the "
+                         f"dimensions {sorted(map(str, ds.dims))} of {dc.source!r}")
+    splits = data.split_dataset(ds, recipe.split, dc.sample_dims)
+    scaler = Scaler.fit(splits["train"], recipe.scaling, dc.variables, dc.sample_dims)
+    cond_spec = data.ConditionSpec.from_config(recipe.conditioning, splits["train"])
+    multiple = 2 ** (len(recipe.model.channels) - 1)
+    padding = data.compute_padding(ds.sizes[grid.LAT], ds.sizes[grid.LON], multiple,
+                                   info.periodic)
+
+    def dataset(split: xr.Dataset):
+        return data.FieldDataset(scaler.transform(split), dc.variables, dc.sample_dims,
+                                 cond_spec, recipe.conditioning, padding,
+                                 memory_budget_gb=dc.memory_budget_gb)
+
+    train = dataset(splits["train"])
+    val = dataset(splits["val"]) if _n_samples(splits.get("val"), dc.sample_dims) else None
+    valid = np.stack([
+        splits["train"][v].notnull().any([d for d in splits["train"][v].dims
+                                          if d not in (grid.LAT, grid.LON)]).values
+        for v in dc.variables])  # (C, lat, lon); one channel per variable (single level)
+    return DataBundle(source=ds, splits=splits, scaler=scaler, cond_spec=cond_spec,
+                      padding=padding, train=train, val=val, grid=info, valid=valid,
+                      fields=train[0]["fields"].clone(), sample_dims=tuple(dc.sample_dims),
+                      variables=tuple(dc.variables),
+                      var_attrs={v: _jsonable_attrs(ds[v].attrs) for v in dc.variables})
+
+
+def build_denoiser(recipe: Recipe, spec: dict[str, Any] | DataBundle) -> nn.Module:
+    """The UNet wrapped in its parameterisation (EDM preconditioning or DDPM)."""
+    from geodiff.unet import LatLonUNet
+
+    spec = spec.spec if isinstance(spec, DataBundle) else spec
+    net = LatLonUNet.from_config(recipe.model, spec["in_channels"], spec["out_channels"],
+                                 spec["cond_dim"], periodic=spec["periodic"],
+                                 global_lat=spec["global_lat"])
+    dc = recipe.diffusion
+    if dc.parameterization == "edm":
+        from geodiff.edm import EDMPrecond
+
+        sigma_data = dc.sigma_data if dc.sigma_data is not None else spec["sigma_data"]
+        return EDMPrecond(net, sigma_data=float(sigma_data))
+    from geodiff.diffusion import DDPMDenoiser, make_schedule
+
+    return DDPMDenoiser(net, make_schedule(dc.schedule, dc.timesteps), prediction=dc.prediction)
+
+
+def draw_noise(recipe: Recipe, shape: torch.Size, gen: torch.Generator
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise level (EDM sigma, or DDPM timestep) and unit Gaussian noise for a batch.
+
+    EDM: ln(sigma) ~ N(P_mean, P_std^2) (Karras et al. 2022, sec. 5); DDPM: t ~ U{0..T-1}
+    (Ho et al. 2020, Algorithm 1).
+    """
+    dc = recipe.diffusion
+    b = shape[0]
+    if dc.parameterization == "edm":
+        level = torch.exp(dc.p_mean + dc.p_std * torch.randn(b, generator=gen))
+    else:
+        level = torch.randint(0, dc.timesteps, (b,), generator=gen).float()
+    return level, torch.randn(shape, generator=gen)
+
+
+class Objective(nn.Module):
+    """The training loss of a denoiser as one module (so DDP wraps a single forward)."""
+
+    def __init__(self, denoiser: nn.Module, recipe: Recipe):
+        super().__init__()
+        self.denoiser = denoiser
+        self.recipe = recipe
+
+    def forward(self, x0: torch.Tensor, weight: torch.Tensor, fields: torch.Tensor,
+                cond: torch.Tensor, noise_level: torch.Tensor, noise: torch.Tensor,
+                cond_drop: torch.Tensor) -> torch.Tensor:
+        dc = self.recipe.diffusion
+        if not dc.lat_weighted:
+            weight = (weight > 0).to(weight.dtype)
+        if dc.parameterization == "edm":
+            from geodiff.edm import edm_loss
+
+            return edm_loss(self.denoiser, x0, weight, fields=fields, cond=cond,
+                            p_mean=dc.p_mean, p_std=dc.p_std, generator=None,
+                            cond_drop=cond_drop, sigma=noise_level, noise=noise)
+        from geodiff.diffusion import ddpm_loss
+
+        return ddpm_loss(self.denoiser.net, self.denoiser.schedule, x0, weight, fields=fields,
+                         cond=cond, prediction=dc.prediction, generator=None,
+                         cond_drop=cond_drop, t=noise_level.long(), noise=noise)
+
+
+@dataclass
+class LoadedModel:
+    """A trained model and its data conventions, rebuilt from a checkpoint alone."""
+
+    path: Path
+    recipe: Recipe
+    denoiser: nn.Module
+    scaler: Any
+    cond_spec: Any
+    padding: Any
+    grid: Any
+    meta: dict[str, Any]
+    fields: torch.Tensor
+    valid: np.ndarray
+    device: torch.device
+
+    @property
+    def channel_names(self) -> list[str]:
+        return list(self.meta["channel_names"])
+
+    @property
+    def sample_dims(self) -> tuple[str, ...]:
+        return tuple(self.meta["sample_dims"])
+
+    def sigma_range(self) -> tuple[float, float]:
+        dc = self.recipe.diffusion
+        if dc.parameterization == "edm":
+            return dc.sigma_min, dc.sigma_max
+        sig = self.denoiser.schedule.sigmas
+        return float(sig[0]), float(sig[-1])
+
+
+def load_model(checkpoint: str | Path, *, device: str | torch.device | None = None,
+               which: str = "ema") -> LoadedModel:
+    """Rebuild the denoiser (EMA weights by default), scaler and grid from a checkpoint."""
+    from geodiff.data import ConditionSpec
+    from geodiff.grid import GridInfo
+    from geodiff.scaling import Scaler
+
+    from geodiff.runtime import resolve_device
+
+    path = ckpt.resolve_checkpoint(checkpoint)
+    meta = ckpt.load_meta(path)
+    recipe = recipe_from_dict(meta["recipe"])
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    denoiser = build_denoiser(recipe, meta["spec"])
+    denoiser.load_state_dict(ckpt.load_weights(path, which))
+    denoiser.to(dev).eval().requires_grad_(False)
+    return LoadedModel(path=path, recipe=recipe, denoiser=denoiser,
+                       scaler=Scaler.from_dict(meta["scaler"]),
+                       cond_spec=ConditionSpec.from_dict(meta["cond_spec"]),
+                       padding=_padding_from_dict(meta["padding"]),
+                       grid=GridInfo.from_dict(meta["grid"]), meta=meta,
+                       fields=torch.tensor(meta["fields"], dtype=torch.float32),
+                       valid=np.asarray(meta["valid"], dtype=bool), device=dev)
+
+
+def _padding_to_dict(p: Any) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(p)
+
+
+def _padding_from_dict(d: dict[str, Any]) -> Any:
+    from geodiff.data import Padding
+
+    return Padding(**d)
+
+
+def _n_samples(ds: xr.Dataset | None, sample_dims: tuple[str, ...]) -> int:
+    if ds is None:
+        return 0
+    return int(np.prod([ds.sizes[d] for d in sample_dims]))
+
+
+def _jsonable_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in attrs.items():
+        if isinstance(v, (str, int, float, bool)):
+            out[k] = v
+        elif isinstance(v, np.generic):
+            out[k] = v.item()
+    return out

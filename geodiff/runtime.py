@@ -1,0 +1,75 @@
+"""Device choice, mixed precision and torchrun (DDP) process-group helpers."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+def resolve_device(device: str | None = None) -> torch.device:
+    """``None``/``"auto"``: CUDA when available, else CPU; otherwise the named device.
+
+    Under torchrun each rank uses ``cuda:LOCAL_RANK``.
+    """
+    if device in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} requested but CUDA is not available here; "
+                         "use --device cpu (or auto)")
+    return dev
+
+
+def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA devices that support it when ``amp`` is auto/bf16, else a no-op.
+
+    Mixed precision is never used on CPU (slower there, and it would change results).
+    """
+    if amp == "off" or device.type != "cuda":
+        if amp == "bf16" and device.type != "cuda":
+            raise ValueError(f"amp='bf16' needs a CUDA device, got {device}; use amp: auto")
+        return contextlib.nullcontext()
+    if not torch.cuda.is_bf16_supported():
+        if amp == "bf16":
+            raise ValueError(f"amp='bf16' but {torch.cuda.get_device_name(device)} lacks bf16")
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a (possibly single-process) job."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+def init_distributed(device: torch.device) -> Dist:
+    """Join the torchrun process group when launched by torchrun (WORLD_SIZE > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank=dist.get_rank(), world=dist.get_world_size(),
+                local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def barrier(d: Dist) -> None:
+    if d.enabled:
+        dist.barrier()

@@ -1,0 +1,294 @@
+"""The training loop: data -> scaled tensors -> preconditioned UNet -> checkpoints.
+
+Exact resume
+------------
+Every random number of optimizer step ``k`` comes from a generator seeded with
+``(seed, k)``: the batch order of an epoch from ``(seed, epoch)``, the noise levels and
+noise of the *global* batch from ``(seed, k)`` (each DDP rank slices its rows).  Nothing
+random therefore depends on how many steps ran in this process, so a run killed at any
+point and resumed from its last checkpoint reproduces the uninterrupted run bit for bit on
+CPU, and a 2-process DDP run sees the same samples and noise as one process with the same
+global batch.  (Dropout, when enabled, draws from torch's global generator, which is seeded
+and checkpointed too.)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from geodiff import checkpoint as ckpt
+from geodiff.config import Recipe
+from geodiff.pipeline import DataBundle, Objective, build_denoiser, draw_noise, prepare_data
+from geodiff.runtime import Dist, autocast, barrier, init_distributed, resolve_device
+
+_SEED_STRIDE = 1_000_003
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf (message names the step, the batch and the last checkpoint)."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    checkpoint: Path
+    steps: int
+    final_loss: float
+    val_loss: float | None
+    seconds: float
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The generator of every random number drawn at optimizer step ``step``."""
+    return torch.Generator().manual_seed(seed * _SEED_STRIDE + step)
+
+
+def batch_indices(n: int, batch: int, seed: int, step: int) -> np.ndarray:
+    """Sample indices of the global batch of ``step`` (epoch-wise permutations, drop-last)."""
+    per_epoch = max(n // batch, 1)
+    epoch, pos = divmod(step, per_epoch)
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    if n < batch:  # tiny data sets: sample with replacement from the permutation
+        return np.resize(perm, batch)
+    return perm[pos * batch:(pos + 1) * batch]
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """Linear warm-up then cosine decay to 10 % (or constant) of the base learning rate."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def ema_decay(halflife_steps: float) -> float:
+    """Per-step EMA decay for a half-life in steps: 0.5 ** (1 / half-life)."""
+    return 0.5 ** (1.0 / halflife_steps)
+
+
+class Trainer:
+    """Train one recipe into ``run_dir`` (resumable, DDP-aware under torchrun)."""
+
+    def __init__(self, recipe: Recipe, run_dir: str | Path, *, device: str | None = None,
+                 resume: bool = False, progress: bool = True, data: DataBundle | None = None):
+        self.recipe = recipe
+        self.run_dir = Path(run_dir)
+        self.device = resolve_device(device)
+        self.dist: Dist = init_distributed(self.device)
+        self.progress = progress and self.dist.is_main
+        tc = recipe.training
+        if tc.batch_size % self.dist.world:
+            raise ValueError(f"training.batch_size={tc.batch_size} must be divisible by the "
+                             f"number of processes ({self.dist.world}) under torchrun")
+        self.data = data if data is not None else prepare_data(recipe)
+        torch.manual_seed(tc.seed)  # only dropout uses the global generator
+        self.denoiser = build_denoiser(recipe, self.data).to(self.device)
+        self.ema = build_denoiser(recipe, self.data).to(self.device)
+        self.ema.load_state_dict(self.denoiser.state_dict())
+        self.ema.requires_grad_(False).eval()
+        self.optimizer = torch.optim.AdamW(self.denoiser.parameters(), lr=tc.lr,
+                                           weight_decay=tc.weight_decay)
+        self.step = 0
+        self.last_checkpoint: Path | None = None
+        self.ema_objective = Objective(self.ema, recipe)
+        self.train_module: torch.nn.Module = Objective(self.denoiser, recipe)
+        if self.dist.enabled:
+            self.train_module = DistributedDataParallel(
+                self.train_module, device_ids=[self.device.index]
+                if self.device.type == "cuda" else None)
+        if tc.compile:
+            self.train_module = torch.compile(self.train_module)
+        existing = ckpt.latest_checkpoint(self.run_dir)
+        if existing is not None and not resume:
+            raise FileExistsError(
+                f"run_dir={str(self.run_dir)!r} already holds checkpoints ({existing.name}); "
+                "pass --resume to continue it or choose another --out")
+        if resume and existing is not None:
+            self._restore(existing)
+
+    # -- state --------------------------------------------------------------------------
+    def _restore(self, path: Path) -> None:
+        meta = ckpt.load_meta(path)
+        self.data.check_compatible(meta)
+        self.denoiser.load_state_dict(ckpt.load_weights(path, "model"))
+        self.ema.load_state_dict(ckpt.load_weights(path, "ema"))
+        state = ckpt.load_state(path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step = int(state["step"])
+        self.last_checkpoint = path
+
+    def _save(self) -> Path:
+        path = ckpt.step_dir(self.run_dir, self.step)
+        if self.dist.is_main:
+            state = {"optimizer": self.optimizer.state_dict(), "step": self.step,
+                     "torch_rng": torch.get_rng_state()}
+            meta = self.data.meta(self.recipe)
+            meta["sigma_data"] = float(getattr(self.denoiser, "sigma_data", 0.0) or 0.0)
+            path = ckpt.save_checkpoint(self.run_dir, self.step, model=self.denoiser,
+                                        ema=self.ema, state=state, meta=meta,
+                                        keep_last=self.recipe.training.keep_last)
+        barrier(self.dist)
+        self.last_checkpoint = path
+        return path
+
+    # -- one step -----------------------------------------------------------------------
+    def _batch(self, step: int, indices: np.ndarray | None = None,
+               dataset=None) -> dict[str, torch.Tensor]:
+        dataset = dataset if dataset is not None else self.data.train
+        tc = self.recipe.training
+        if indices is None:
+            indices = batch_indices(len(dataset), tc.batch_size, tc.seed, step)
+        items = [dataset[int(i)] for i in indices]
+        return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+    def loss_on(self, module: torch.nn.Module, batch: dict[str, torch.Tensor],
+                gen: torch.Generator) -> torch.Tensor:
+        """Loss of the global batch ``batch``; this rank evaluates its slice of the rows."""
+        noise_level, noise = draw_noise(self.recipe, batch["x"].shape, gen)
+        cond_drop = self._cond_drop(gen, batch["x"].shape[0])
+        rows = slice(self.dist.rank, None, self.dist.world)
+        dev = self.device
+        local = {k: v[rows].to(dev) for k, v in batch.items()}
+        with autocast(dev, self.recipe.training.amp):
+            return module(local["x"], local["weight"], local["fields"], local["cond"],
+                          noise_level[rows].to(dev), noise[rows].to(dev), cond_drop[rows].to(dev))
+
+    def _cond_drop(self, gen: torch.Generator, n: int) -> torch.Tensor:
+        p = self.recipe.conditioning.dropout
+        return torch.rand(n, generator=gen) < p
+
+    @torch.no_grad()
+    def _update_ema(self, decay: float) -> None:
+        for p_ema, p in zip(self.ema.parameters(), self.denoiser.parameters()):
+            p_ema.lerp_(p.detach(), 1.0 - decay)
+        for b_ema, b in zip(self.ema.buffers(), self.denoiser.buffers()):
+            b_ema.copy_(b)
+
+    @torch.no_grad()
+    def validation_loss(self, max_batches: int = 8) -> float | None:
+        """EMA-model loss on the validation split with fixed noise (seed -1), or None."""
+        val = self.data.val
+        if val is None or len(val) == 0:
+            return None
+        tc = self.recipe.training
+        total, count = 0.0, 0
+        for b in range(min(max_batches, math.ceil(len(val) / tc.batch_size))):
+            idx = np.arange(b * tc.batch_size, min(len(val), (b + 1) * tc.batch_size))
+            batch = self._batch(0, idx, dataset=val)
+            loss = self.loss_on(self.ema_objective, batch, step_generator(tc.seed + 7919, b))
+            total += float(loss) * len(idx)
+            count += len(idx)
+        return total / count
+
+    def _nonfinite(self, step: int, indices: np.ndarray, loss: torch.Tensor) -> None:
+        labels = [self.data.train.sample_coords(int(i)) for i in indices[:8]]
+        where = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
+                 else "no checkpoint was written yet")
+        raise NonFiniteLossError(
+            f"loss became {float(loss)} at step {step} on a batch with samples {labels} ...; "
+            f"{where}. Lower training.lr, check the data for extreme values, or set "
+            "training.on_nonfinite: skip to skip such batches.")
+
+    # -- loop ---------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        tc = self.recipe.training
+        decay = ema_decay(tc.ema_halflife_steps)
+        metrics = (self.run_dir / "metrics.jsonl") if self.dist.is_main else None
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            _write_text(self.run_dir / "recipe.yaml", self.recipe.to_yaml())
+        bar = _progress(tc.steps, self.step, self.progress)
+        t0 = time.perf_counter()
+        last_loss = float("nan")
+        val_loss: float | None = None
+        self.denoiser.train()
+        while self.step < tc.steps:
+            step = self.step
+            gen = step_generator(tc.seed, step)
+            indices = batch_indices(len(self.data.train), tc.batch_size, tc.seed, step)
+            batch = self._batch(step, indices)
+            for group in self.optimizer.param_groups:
+                group["lr"] = tc.lr * lr_factor(step, tc.warmup_steps, tc.steps, tc.lr_schedule)
+            loss = self.loss_on(self.train_module, batch, gen)
+            if not torch.isfinite(loss):
+                if tc.on_nonfinite == "stop":
+                    self._nonfinite(step, indices, loss)
+                self.step += 1
+                continue
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if tc.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.denoiser.parameters(), tc.grad_clip)
+            self.optimizer.step()
+            self._update_ema(0.0 if step < tc.ema_warmup_steps else decay)
+            self.step += 1
+            last_loss = float(loss.detach())
+            elapsed = time.perf_counter() - t0
+            record: dict[str, Any] = {"step": self.step, "loss": last_loss,
+                                      "lr": self.optimizer.param_groups[0]["lr"],
+                                      "elapsed_s": round(elapsed, 3)}
+            if self.step % tc.val_every == 0 or self.step == tc.steps:
+                val_loss = self.validation_loss()
+                record["val_loss"] = val_loss
+            if metrics is not None and (self.step % tc.log_every == 0 or "val_loss" in record):
+                _append_jsonl(metrics, record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{last_loss:.4f}",
+                            samples_s=f"{tc.batch_size * bar.n / max(elapsed, 1e-9):.1f}")
+            out_of_time = tc.max_time_s is not None and elapsed >= tc.max_time_s
+            if out_of_time and self.dist.enabled:  # all ranks must stop at the same step
+                flag = torch.tensor([float(out_of_time)])
+                torch.distributed.broadcast(flag, 0)
+                out_of_time = bool(flag.item())
+            if self.step % tc.checkpoint_every == 0 or self.step == tc.steps or out_of_time:
+                self._save()
+            if out_of_time:
+                bar.write(f"training.max_time_s={tc.max_time_s} reached at step {self.step}")
+                break
+        bar.close()
+        if self.last_checkpoint is None or ckpt.latest_checkpoint(self.run_dir) is None:
+            self._save()
+        return TrainResult(self.run_dir, self.last_checkpoint, self.step, last_loss, val_loss,
+                           time.perf_counter() - t0)
+
+
+def train(recipe: Recipe, run_dir: str | Path | None = None, *, device: str | None = None,
+          resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train ``recipe``; checkpoints go to ``run_dir`` (default ``<output.dir>/run``)."""
+    run_dir = Path(run_dir) if run_dir is not None else Path(recipe.output.dir) / "run"
+    return Trainer(recipe, run_dir, device=device, resume=resume, progress=progress).fit()
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step",
+                dynamic_ncols=True)
+
+
+def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+__all__ = ["NonFiniteLossError", "TrainResult", "Trainer", "batch_indices", "ema_decay",
+           "lr_factor", "step_generator", "train"]
