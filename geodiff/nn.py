@@ -1,0 +1,331 @@
+"""Building blocks of the lat-lon UNet: sphere-aware padding, convolutions, embeddings.
+
+Every spatial operation of :class:`geodiff.unet.LatLonUNet` goes through
+:class:`LatLonConv2d`, which pads with :class:`LatLonPad` before convolving with no padding
+of its own, so a global grid is treated as what it is:
+
+* longitude is **periodic** (circular padding: column ``-1`` is the last column), so there is
+  no seam at the date line;
+* across a **pole** the neighbouring row is the same row seen from the other side of the
+  globe: the row at ``lon + 180`` deg, i.e. rolled by ``W / 2`` with the row order flipped;
+* regional grids use ordinary zero padding.
+
+Tensors are ``(B, C, H, W) = (batch, channel, lat, lon)``; rows are assumed cell-centred, the
+first and last rows half a grid spacing from the poles when pole padding is used.
+
+The residual block and attention follow Ho et al. (2020, "Denoising Diffusion Probabilistic
+Models", appendix B) with the scale-shift ("adaptive group norm") embedding injection of
+Dhariwal & Nichol (2021, "Diffusion Models Beat GANs on Image Synthesis", sec. 3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class GridTopology:
+    """How a lat-lon grid continues beyond its edges.
+
+    Attributes
+    ----------
+    periodic_lon
+        The grid covers all longitudes: pad circularly in longitude.
+    pole_padding
+        The grid spans pole to pole: pad latitude with the rows across the pole (requires
+        ``periodic_lon``); otherwise latitude is zero padded.
+    """
+
+    periodic_lon: bool = False
+    pole_padding: bool = False
+
+    def __post_init__(self) -> None:
+        if self.pole_padding and not self.periodic_lon:
+            raise ValueError(f"pole_padding={self.pole_padding} needs periodic_lon=True: the row "
+                             "across a pole is the row at lon + 180 deg, which only exists on "
+                             "a grid that covers all longitudes; set pole_padding=False for a "
+                             "regional grid")
+
+
+class LatLonPad(nn.Module):
+    """Pad ``(B, C, H, W)`` by ``pad`` rows/columns on every side, respecting the sphere.
+
+    Longitude (last dim) is padded circularly when ``topology.periodic_lon``, latitude with
+    the rows across the pole when ``topology.pole_padding``; every other side is zero padded.
+    The zero part can be handed to the convolution (:attr:`implicit`), which avoids a copy:
+    ``forward(x) == F.pad(explicit(x), implicit-as-F.pad-tuple)``.
+
+    Parameters
+    ----------
+    pad
+        Number of rows and columns added on each side (``kernel_size // 2`` for a conv).
+    topology
+        The grid's periodicity, see :class:`GridTopology`.
+    """
+
+    def __init__(self, pad: int, topology: GridTopology) -> None:
+        super().__init__()
+        if pad < 0:
+            raise ValueError(f"{pad=} must be >= 0")
+        self.pad = pad
+        self.topology = topology
+
+    @property
+    def implicit(self) -> tuple[int, int]:
+        """Zero padding ``(lat, lon)`` left to the convolution's own ``padding`` argument."""
+        lat = 0 if self.topology.pole_padding else self.pad
+        lon = 0 if self.topology.periodic_lon else self.pad
+        return lat, lon
+
+    def explicit(self, x: Tensor) -> Tensor:
+        """The non-zero (circular / cross-pole) part of the padding of ``x`` ``(B, C, H, W)``."""
+        p = self.pad
+        if p == 0:
+            return x
+        if self.topology.pole_padding:
+            width = x.shape[-1]
+            if width % 2:
+                raise ValueError(f"pole padding needs an even number of longitudes, got W={width} "
+                                 "(at this resolution level); use an even W divisible by "
+                                 "2**len(channels)")
+            across_south = x[..., :p, :].flip(-2).roll(width // 2, dims=-1)   # (B, C, p, W)
+            across_north = x[..., -p:, :].flip(-2).roll(width // 2, dims=-1)  # (B, C, p, W)
+            x = torch.cat([across_south, x, across_north], dim=-2)            # (B, C, H+2p, W)
+        if self.topology.periodic_lon:
+            if x.shape[-1] < p:
+                raise ValueError(f"circular padding of {p} columns needs W >= {p}, got "
+                                 f"W={x.shape[-1]}")
+            x = torch.cat([x[..., -p:], x, x[..., :p]], dim=-1)               # (B, C, H', W+2p)
+        return x
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x`` ``(B, C, H, W)`` padded to ``(B, C, H + 2 pad, W + 2 pad)``."""
+        lat, lon = self.implicit
+        return F.pad(self.explicit(x), (lon, lon, lat, lat))
+
+    def extra_repr(self) -> str:
+        return (f"pad={self.pad}, periodic_lon={self.topology.periodic_lon}, "
+                f"pole_padding={self.topology.pole_padding}")
+
+
+class LatLonConv2d(nn.Conv2d):
+    """A 2-D convolution whose padding is always done by a :class:`LatLonPad`.
+
+    Same parameters as :class:`torch.nn.Conv2d` (square, odd ``kernel_size``; ``stride`` 1 or
+    2) plus the grid ``topology``; the output grid is ``ceil(H / stride) x ceil(W / stride)``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, *,
+                 topology: GridTopology, stride: int = 1, bias: bool = True) -> None:
+        if kernel_size % 2 != 1:
+            raise ValueError(f"{kernel_size=} must be odd so the padding is symmetric")
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=0,
+                         bias=bias)
+        self.pad = LatLonPad(kernel_size // 2, topology)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Convolve ``x`` ``(B, C_in, H, W)`` -> ``(B, C_out, H / stride, W / stride)``."""
+        return F.conv2d(self.pad.explicit(x), self.weight, self.bias, self.stride,
+                        self.pad.implicit)
+
+
+class NoiseLevelEmbedding(nn.Module):
+    """Sinusoidal features of the scalar noise label, followed by a two-layer MLP.
+
+    The label is a DDPM timestep ``t`` in ``[0, T]`` (Ho et al. 2020) or EDM's
+    ``c_noise = ln(sigma) / 4`` in about ``[-1.6, 1.2]`` (Karras et al. 2022, table 1). One
+    embedding serves both: the ``features // 2`` angular frequencies are geometrically spaced
+    over ``[min_freq, max_freq] = [1e-4, 1e2]`` rad per unit of label (Vaswani et al. 2017,
+    sec. 3.5, with the range widened upwards). The slowest period, ``2 pi 1e4``, exceeds any
+    DDPM horizon, so timesteps are never aliased; the fastest resolves ``c_noise`` to about
+    0.01, a 4 % change of sigma.
+
+    Parameters
+    ----------
+    features
+        Number of sinusoidal features (even).
+    dim
+        Output embedding width.
+    """
+
+    def __init__(self, features: int, dim: int, *, min_freq: float = 1e-4,
+                 max_freq: float = 1e2) -> None:
+        super().__init__()
+        if features % 2 or features < 2:
+            raise ValueError(f"{features=} must be a positive even number")
+        exponents = torch.linspace(0.0, 1.0, features // 2, dtype=torch.float64)
+        freqs = min_freq * (max_freq / min_freq) ** exponents                 # (features/2,)
+        self.register_buffer("freqs", freqs.float(), persistent=False)
+        self.mlp = nn.Sequential(nn.Linear(features, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def features(self, noise_label: Tensor) -> Tensor:
+        """``[cos(f_k t), sin(f_k t)]`` of ``noise_label`` ``(B,)`` -> ``(B, features)``."""
+        angles = noise_label.float()[:, None] * self.freqs[None, :]         # (B, features/2)
+        return torch.cat([angles.cos(), angles.sin()], dim=1)
+
+    def forward(self, noise_label: Tensor) -> Tensor:
+        """Embedding ``(B, dim)`` of ``noise_label`` ``(B,)``."""
+        return self.mlp(self.features(noise_label))
+
+
+class ConditionEmbedding(nn.Module):
+    """MLP embedding of a condition vector with a learned null embedding.
+
+    ``forward(cond, drop)`` returns ``mlp(cond)`` where ``drop`` is False and the learned
+    ``null`` vector where it is True, the "unconditional" model of classifier-free guidance
+    (Ho & Salimans 2022, "Classifier-Free Diffusion Guidance", algorithm 1).
+
+    Parameters
+    ----------
+    cond_dim
+        Length of the condition vector.
+    dim
+        Output embedding width.
+    """
+
+    def __init__(self, cond_dim: int, dim: int) -> None:
+        super().__init__()
+        if cond_dim < 1:
+            raise ValueError(f"{cond_dim=} must be >= 1")
+        self.mlp = nn.Sequential(nn.Linear(cond_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.null = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, cond: Tensor | None, drop: Tensor | None) -> Tensor:
+        """Embedding ``(B, dim)`` of ``cond`` ``(B, cond_dim)``; ``drop`` ``(B,)`` bool.
+
+        ``cond`` may be ``None`` only when every entry of ``drop`` is True.
+        """
+        if cond is None:
+            assert drop is not None and bool(drop.all())
+            return self.null.expand(drop.shape[0], -1)                      # (B, dim)
+        emb = self.mlp(cond)                                                # (B, dim)
+        if drop is None:
+            return emb
+        return torch.where(drop[:, None], self.null.to(emb.dtype), emb)
+
+
+class ResBlock(nn.Module):
+    """Residual block ``x + conv(act(norm(conv(act(norm(x))), emb)))`` (Ho et al. 2020, app. B).
+
+    The embedding enters after the second group norm, either as a scale and shift
+    ``h * (1 + scale) + shift`` (Dhariwal & Nichol 2021, sec. 3) or added, ``h + proj(emb)``.
+
+    Parameters
+    ----------
+    in_channels, out_channels
+        Widths; a 1x1 convolution maps the skip path when they differ.
+    emb_dim
+        Width of the noise(+condition) embedding.
+    topology
+        Grid periodicity used by every convolution.
+    groups
+        Group-norm groups (divides both widths).
+    dropout
+        Dropout probability before the second convolution.
+    scale_shift
+        Scale-shift injection (True) or additive injection (False).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, emb_dim: int, *,
+                 topology: GridTopology, groups: int, dropout: float = 0.0,
+                 scale_shift: bool = True) -> None:
+        super().__init__()
+        self.scale_shift = scale_shift
+        self.norm1 = nn.GroupNorm(groups, in_channels)
+        self.conv1 = LatLonConv2d(in_channels, out_channels, 3, topology=topology)
+        self.emb_proj = nn.Linear(emb_dim, out_channels * (2 if scale_shift else 1))
+        self.norm2 = nn.GroupNorm(groups, out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = LatLonConv2d(out_channels, out_channels, 3, topology=topology)
+        self.skip = (LatLonConv2d(in_channels, out_channels, 1, topology=topology)
+                     if in_channels != out_channels else nn.Identity())
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        """``x`` ``(B, C_in, H, W)``, ``emb`` ``(B, emb_dim)`` -> ``(B, C_out, H, W)``."""
+        h = self.conv1(F.silu(self.norm1(x)))
+        e = self.emb_proj(F.silu(emb))[:, :, None, None]                    # (B, C', 1, 1)
+        if self.scale_shift:
+            scale, shift = e.chunk(2, dim=1)                                # (B, C_out, 1, 1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + e)
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+class SelfAttention2d(nn.Module):
+    """Multi-head self-attention over all grid points, ``x + proj(attn(norm(x)))``.
+
+    Attention is permutation equivariant, so it keeps the longitude equivariance of the
+    convolutions; position enters through the input coordinate channels. Uses
+    :func:`torch.nn.functional.scaled_dot_product_attention` (flash / memory-efficient
+    kernels where available).
+
+    Parameters
+    ----------
+    channels
+        Width (divisible by ``heads`` and ``groups``).
+    heads
+        Number of attention heads.
+    groups
+        Group-norm groups.
+    topology
+        Grid periodicity (only for the 1x1 convolutions, which need no padding).
+    """
+
+    def __init__(self, channels: int, heads: int, *, groups: int,
+                 topology: GridTopology) -> None:
+        super().__init__()
+        if channels % heads:
+            raise ValueError(f"attention width {channels=} is not divisible by {heads=}; "
+                             "choose attention_heads dividing every attended width")
+        self.heads = heads
+        self.norm = nn.GroupNorm(groups, channels)
+        self.qkv = LatLonConv2d(channels, 3 * channels, 1, topology=topology)
+        self.proj = LatLonConv2d(channels, channels, 1, topology=topology)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x`` ``(B, C, H, W)`` -> ``(B, C, H, W)``."""
+        b, c, h, w = x.shape
+        qkv = self.qkv(self.norm(x))                                        # (B, 3C, H, W)
+        qkv = qkv.reshape(b, 3, self.heads, c // self.heads, h * w)         # (B, 3, n, d, HW)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)                           # (B, n, HW, d) x3
+        out = F.scaled_dot_product_attention(q, k, v)                       # (B, n, HW, d)
+        out = out.transpose(-1, -2).reshape(b, c, h, w)                     # (B, C, H, W)
+        return x + self.proj(out)
+
+
+class Downsample(nn.Module):
+    """Halve the grid with a stride-2 3x3 :class:`LatLonConv2d` (Ho et al. 2020, app. B)."""
+
+    def __init__(self, channels: int, *, topology: GridTopology) -> None:
+        super().__init__()
+        self.conv = LatLonConv2d(channels, channels, 3, topology=topology, stride=2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, C, H, W)`` -> ``(B, C, H / 2, W / 2)``."""
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Double the grid: nearest-neighbour upsampling, then a 3x3 :class:`LatLonConv2d`."""
+
+    def __init__(self, channels: int, *, topology: GridTopology) -> None:
+        super().__init__()
+        self.conv = LatLonConv2d(channels, channels, 3, topology=topology)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, C, H, W)`` -> ``(B, C, 2 H, 2 W)``."""
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def zero_init(module: nn.Module) -> nn.Module:
+    """Set every parameter of ``module`` to zero (and return it)."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
