@@ -1,0 +1,342 @@
+"""Ensembles: tensors from the samplers -> labelled CF xarray in physical units, streamed.
+
+``generate_ensemble`` is the inverse of ``pipeline.prepare_data``: it draws members from a
+checkpoint's denoiser, crops the padding, un-stacks channels into variables, applies
+``Scaler.inverse``, re-applies the NaN mask, restores the source's coordinate names,
+latitude order and longitude convention, and labels the result with a ``member``
+dimension (CF ``standard_name = realization``) and provenance attributes.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import itertools
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+
+from geodiff._version import __version__
+from geodiff.io import MEMBER, EnsembleWriter, check_output_path, output_format
+from geodiff.pipeline import LoadedModel, load_model
+
+ENSEMBLE_SAMPLERS = ("heun", "dpmpp", "ddim", "ddpm")
+
+
+def member_seed(seed: int, cell: int, member: int) -> int:
+    """Seed of one member: a function of (seed, condition cell, member) only, so member i
+    is identical whatever the ensemble size, the batch size or the number of processes."""
+    return int(np.random.SeedSequence([seed, cell, member]).generate_state(1, np.uint64)[0]
+               % (2**63 - 1))
+
+
+# ---------------------------------------------------------------------------------------
+# conditions
+
+
+def condition_cells(model: LoadedModel, conditions: Any) -> xr.Dataset:
+    """The condition cells to generate for, as a coordinate-only Dataset over sample dims.
+
+    ``conditions`` is an xarray object whose sample-dimension coordinates are used (e.g. the
+    held-out split), or a mapping ``{dim: values}`` (cartesian product), or ``None`` for an
+    unconditional model.
+    """
+    spec = model.cond_spec
+    if conditions is None:
+        if spec.dim:
+            raise ValueError(
+                f"this model is conditioned ({spec.dim}-dim condition vector from "
+                f"{model.recipe.conditioning}); pass conditions, e.g. a Dataset with the "
+                f"sample dims {list(model.sample_dims)} or a dict {{dim: values}}")
+        return xr.Dataset()
+    if isinstance(conditions, (xr.Dataset, xr.DataArray)):
+        dims = [d for d in model.sample_dims if d in conditions.dims]
+        if not dims:
+            raise ValueError(f"conditions has dims {list(conditions.dims)} but none of the "
+                             f"model's sample dims {list(model.sample_dims)}")
+        coords = {name: c for name, c in conditions.coords.items()
+                  if set(c.dims) and set(c.dims) <= set(dims)}
+        cells = xr.Dataset(coords=coords)
+    elif isinstance(conditions, Mapping):
+        unknown = [k for k in conditions if k not in model.sample_dims and k != "year"]
+        if unknown:
+            raise ValueError(f"conditions keys {unknown} are not sample dims of the model "
+                             f"({list(model.sample_dims)})")
+        cells = xr.Dataset(coords={k: np.atleast_1d(np.asarray(v)) for k, v in
+                                   conditions.items()})
+    else:
+        raise TypeError(f"conditions must be an xarray object, a mapping or None, "
+                        f"got {type(conditions).__name__}")
+    if "time" in cells.dims and "year" not in cells.coords:
+        t = cells["time"]
+        if t.dtype.kind == "M" or t.dtype == object:
+            cells = cells.assign_coords(year=("time", t.dt.year.values.astype(int)),
+                                        dayofyear=("time", t.dt.dayofyear.values.astype(int)))
+    for c in _cell_dicts(cells):
+        spec.check(c)
+    return cells
+
+
+def _cell_dicts(cells: xr.Dataset) -> list[dict[str, Any]]:
+    """One coordinate dict per cell, in C order over ``cells.dims``."""
+    dims = list(cells.dims)
+    out = []
+    for idx in itertools.product(*[range(cells.sizes[d]) for d in dims]):
+        sel = cells.isel(dict(zip(dims, idx)))
+        out.append({k: v.values.item() if v.ndim == 0 else v.values for k, v in
+                    sel.coords.items()})
+    return out or [{}]
+
+
+# ---------------------------------------------------------------------------------------
+# tensors <-> xarray
+
+
+def to_dataset(model: LoadedModel, x: np.ndarray, members: Sequence[int],
+               cells: xr.Dataset) -> xr.Dataset:
+    """Scaled, cropped samples -> physical-unit Dataset in the source's conventions.
+
+    ``x``: (M, n_cells, C, lat, lon) in canonical order (lat ascending).
+    """
+    from geodiff.grid import LAT, LON, restore
+
+    dims = list(cells.dims)
+    shape = [cells.sizes[d] for d in dims]
+    m = len(members)
+    lat, lon = np.asarray(model.grid.lat), np.asarray(model.grid.lon)
+    x = x.reshape(m, *shape, x.shape[-3], lat.size, lon.size)  # (M, *cells, C, lat, lon)
+    data_vars = {}
+    var_attrs = model.meta.get("var_attrs", {})
+    for ci, name in enumerate(model.channel_names):
+        data_vars[name] = ([MEMBER, *dims, LAT, LON], x[..., ci, :, :].astype(np.float32),
+                           dict(var_attrs.get(name, {})))
+    coords = {MEMBER: (MEMBER, np.asarray(members, dtype=np.int32)), LAT: lat, LON: lon,
+              **{k: v for k, v in cells.coords.items()}}
+    ds = xr.Dataset(data_vars, coords=coords)
+    ds = model.scaler.inverse(ds)
+    valid = xr.DataArray(model.valid, dims=("channel", LAT, LON))
+    for ci, name in enumerate(model.channel_names):
+        ds[name] = ds[name].where(valid.isel(channel=ci).values).astype(np.float32)
+        ds[name].attrs = dict(var_attrs.get(name, {}))
+    ds[MEMBER].attrs = {"standard_name": "realization", "long_name": "ensemble member",
+                        "units": "1"}
+    return restore(ds, model.grid)
+
+
+def _provenance(model: LoadedModel, *, sampler: str, steps: int, guidance: float, seed: int,
+                eta: float, kind: str = "generate") -> dict[str, Any]:
+    from geodiff.checkpoint import checkpoint_hash
+
+    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {
+        "Conventions": "CF-1.10",
+        "title": f"geodiff ensemble ({model.recipe.name})",
+        "source": f"geodiff {__version__}",
+        "history": f"{now}: geodiff {kind} {model.path.name} sampler={sampler} steps={steps} "
+                   f"guidance={guidance} seed={seed}",
+        "geodiff_checkpoint": str(model.path),
+        "geodiff_checkpoint_sha256": checkpoint_hash(model.path),
+        "geodiff_recipe": model.recipe.name,
+        "geodiff_sampler": sampler,
+        "geodiff_steps": int(steps),
+        "geodiff_guidance": float(guidance),
+        "geodiff_eta": float(eta),
+        "geodiff_seed": int(seed),
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# generation
+
+
+def _denoiser_for(model: LoadedModel, fields: torch.Tensor, cond: torch.Tensor,
+                  guidance: float):
+    from geodiff.sampling import guided
+
+    net = model.denoiser
+
+    def d_cond(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return net(x, sigma, fields, cond)
+
+    if guidance == 1.0:
+        return d_cond
+    drop = torch.ones(cond.shape[0], dtype=torch.bool, device=cond.device)
+
+    def d_uncond(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return net(x, sigma, fields, cond, drop)
+
+    return guided(d_cond, d_uncond, guidance)
+
+
+def sample_items(model: LoadedModel, items: Sequence[tuple[int, int]], cond_vectors: np.ndarray,
+                 *, sampler: str, steps: int, guidance: float, eta: float, seed: int
+                 ) -> np.ndarray:
+    """Generate (cell, member) items in one batch -> (n, C, lat, lon) scaled, cropped."""
+    from geodiff.sampling import sample
+
+    dev = model.device
+    n = len(items)
+    c = len(model.channel_names)
+    h, w = model.fields.shape[-2:]
+    gens = [torch.Generator(device="cpu").manual_seed(member_seed(seed, cell, m))
+            for cell, m in items]
+    fields = model.fields.to(dev).expand(n, -1, -1, -1)
+    cond = torch.as_tensor(cond_vectors[[cell for cell, _ in items]], dtype=torch.float32,
+                           device=dev).reshape(n, -1)
+    smin, smax = model.sigma_range()
+    schedule = getattr(model.denoiser, "schedule", None)
+    with torch.no_grad():
+        x = sample(_denoiser_for(model, fields, cond, guidance), (n, c, h, w), gens,
+                   sampler=sampler, steps=steps, sigma_min=smin, sigma_max=smax,
+                   rho=model.recipe.sampling.rho, eta=eta, schedule=schedule, device=dev)
+    return model.padding.crop(x.float().cpu()).numpy()
+
+
+def generate_ensemble(checkpoint: str | Path | LoadedModel, members: int | None = None,
+                      conditions: Any = None, *, sampler: str | None = None,
+                      steps: int | None = None, guidance: float | None = None,
+                      eta: float | None = None, seed: int = 0, batch_size: int | None = None,
+                      out: str | Path | None = None, overwrite: bool = False,
+                      device: str | None = None, progress: bool = True
+                      ) -> xr.Dataset | Path:
+    """Draw an ensemble from a checkpoint; return it (``out=None``) or stream it to ``out``.
+
+    Parameters
+    ----------
+    checkpoint : run directory, checkpoint directory, or a :class:`LoadedModel`.
+    members : number of members per condition cell (default: recipe ``sampling.members``).
+    conditions : xarray object (its sample-dim coordinates are used) or ``{dim: values}``.
+    sampler, steps, guidance, eta : sampler settings (default: the recipe's ``sampling``).
+    seed : base seed; member i of cell c uses :func:`member_seed` (seed, c, i).
+    batch_size : samples per network batch.
+    out : ``*.nc`` or ``*.zarr``; written atomically and resumably. Under torchrun each rank
+        writes its own members into one Zarr store.
+    """
+    from geodiff.runtime import init_distributed, resolve_device
+
+    if out is not None:
+        check_output_path(out, overwrite)
+    model = checkpoint if isinstance(checkpoint, LoadedModel) else load_model(checkpoint,
+                                                                                device=device)
+    sc = model.recipe.sampling
+    members = sc.members if members is None else members
+    sampler = sc.sampler if sampler is None else sampler
+    steps = sc.steps if steps is None else steps
+    guidance = sc.guidance if guidance is None else guidance
+    eta = sc.eta if eta is None else eta
+    batch_size = sc.batch_size if batch_size is None else batch_size
+    if not isinstance(members, int) or members < 1:
+        raise ValueError(f"{members=} must be a positive integer")
+    if sampler not in ENSEMBLE_SAMPLERS:
+        raise ValueError(f"{sampler=} is unknown; choose one of {list(ENSEMBLE_SAMPLERS)}")
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"{steps=} and {batch_size=} must be >= 1")
+    cells = condition_cells(model, conditions)
+    cell_dicts = _cell_dicts(cells)
+    cond_vectors = np.stack([model.cond_spec.vector(c) for c in cell_dicts]) \
+        if model.cond_spec.dim else np.zeros((len(cell_dicts), 0), np.float32)
+    dist = init_distributed(resolve_device(device)) if out is not None else None
+    if dist is not None and dist.world > 1 and output_format(out) != "zarr":
+        raise ValueError(f"out={str(out)!r}: under torchrun write a .zarr store (each rank "
+                         "writes its own region); NetCDF cannot be written in parallel")
+    attrs = _provenance(model, sampler=sampler, steps=steps, guidance=guidance, seed=seed,
+                        eta=eta)
+    n_cells = len(cell_dicts)
+    per_block = max(1, batch_size // n_cells)
+    blocks = [list(range(m0, min(members, m0 + per_block))) for m0 in range(0, members, per_block)]
+
+    def block_dataset(block: list[int]) -> xr.Dataset:
+        items = [(c, m) for m in block for c in range(n_cells)]
+        parts = [sample_items(model, items[i:i + batch_size], cond_vectors, sampler=sampler,
+                              steps=steps, guidance=guidance, eta=eta, seed=seed)
+                 for i in range(0, len(items), batch_size)]
+        x = np.concatenate(parts).reshape(len(block), n_cells, *parts[0].shape[1:])
+        return to_dataset(model, x, block, cells)
+
+    request = {"members": members,
+               "cells": [{k: str(v) for k, v in c.items()} for c in cell_dicts]}
+    return emit(block_dataset, blocks, members, attrs, out=out, request=request,
+                overwrite=overwrite, dist=dist, progress=progress)
+
+
+def emit(block_dataset, blocks: list[list[int]], members: int, attrs: dict[str, Any], *,
+         out: str | Path | None, request: dict[str, Any], overwrite: bool, dist=None,
+         progress: bool = True) -> xr.Dataset | Path:
+    """Run ``block_dataset`` over member blocks; concatenate in memory or stream to ``out``.
+
+    Under torchrun (``dist.world > 1``) block b is generated by rank ``b % world``; rank 0
+    writes the template and renames the finished store.
+    """
+    from geodiff.runtime import barrier
+
+    world, rank = (dist.world, dist.rank) if dist else (1, 0)
+    bar = _progress(members, progress and rank == 0)
+    if out is None:
+        slabs = []
+        for block in blocks:
+            slabs.append(block_dataset(block))
+            bar.update(len(block))
+        bar.close()
+        ds = xr.concat(slabs, MEMBER) if len(slabs) > 1 else slabs[0]
+        ds.attrs.update(attrs)
+        return ds
+    out = Path(out)
+    request = {k: v for k, v in attrs.items() if k.startswith("geodiff_")} | request
+    writer = EnsembleWriter(out, request, rank=rank)
+    done = writer.members_done(world)
+    if rank == 0 and not done:
+        template = _template(block_dataset([0]), members)
+        template.attrs.update(attrs)
+        writer.create(template, _encoding(template, out))
+    barrier(dist)
+    bar.update(len(done))
+    for b, block in enumerate(blocks):
+        if b % world != rank:
+            continue
+        todo = [m for m in block if m not in done]
+        if todo:
+            writer.write(block_dataset(todo), todo)
+        bar.update(len(todo))
+    bar.close()
+    barrier(dist)
+    if rank == 0:
+        writer.finalize(overwrite)
+    barrier(dist)
+    return out
+
+
+def _template(first: xr.Dataset, members: int) -> xr.Dataset:
+    """All-NaN Dataset with ``members`` members, coordinates and attrs of ``first``."""
+    import dask.array as da
+
+    out = first.isel({MEMBER: [0]}).reindex({MEMBER: np.arange(members, dtype=np.int32)})
+    for name in out.data_vars:
+        v = out[name]
+        out[name] = (v.dims, da.full(v.shape, np.nan, dtype=np.float32,
+                                     chunks=tuple(1 if d == MEMBER else s
+                                                  for d, s in zip(v.dims, v.shape))), v.attrs)
+    out[MEMBER].attrs = dict(first[MEMBER].attrs)
+    return out
+
+
+def _encoding(ds: xr.Dataset, out: Path) -> dict[str, dict[str, Any]]:
+    enc: dict[str, dict[str, Any]] = {}
+    for name in ds.data_vars:
+        v = ds[name]
+        chunks = tuple(1 if d == MEMBER else s for d, s in zip(v.dims, v.shape))
+        if output_format(out) == "zarr":
+            enc[name] = {"chunks": chunks, "_FillValue": np.float32(np.nan)}
+        else:
+            enc[name] = {"zlib": True, "complevel": 4, "chunksizes": chunks,
+                         "_FillValue": np.float32(np.nan), "dtype": "float32"}
+    return enc
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, desc="generate", unit="member",
+                dynamic_ncols=True)
