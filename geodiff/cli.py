@@ -1,0 +1,252 @@
+"""``geodiff`` command line: thin verbs over the Python API.
+
+Exit codes: 0 success, 1 a run failed, 2 bad input (the message says what and how to fix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from geodiff._version import __version__
+
+
+def _add_common(p: argparse.ArgumentParser, *, seed: bool = True) -> None:
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda, cuda:1 ... (default auto: CUDA when available)")
+    if seed:
+        p.add_argument("--seed", type=int, default=None, help="random seed")
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--members", type=int, default=None, help="members per condition cell")
+    p.add_argument("--sampler", default=None, help="heun, dpmpp, ddim or ddpm")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance")
+    p.add_argument("--eta", type=float, default=None, help="DDIM eta")
+    p.add_argument("--batch-size", type=int, default=None, help="samples per network batch")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="geodiff", description="Diffusion-model ensembles for gridded Earth-science data.")
+    parser.add_argument("--version", action="version", version=f"geodiff {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    cat = sub.add_parser("catalog", help="list or describe datasets of the catalog")
+    cat_sub = cat.add_subparsers(dest="action", metavar="ACTION")
+    c_list = cat_sub.add_parser("list", help="list catalog entries")
+    c_list.add_argument("--catalog", default=None, help="a user catalog YAML")
+    c_show = cat_sub.add_parser("show", help="variables, dims, grid, time span, licence")
+    c_show.add_argument("name")
+    c_show.add_argument("--catalog", default=None, help="a user catalog YAML")
+
+    rec = sub.add_parser("recipe", help="check recipes")
+    rec_sub = rec.add_subparsers(dest="action", metavar="ACTION")
+    r_val = rec_sub.add_parser("validate", help="validate a recipe and print it resolved")
+    r_val.add_argument("recipe", help="recipe YAML path or bundled recipe name")
+    r_val.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    rec_sub.add_parser("list", help="list the bundled recipes")
+
+    tr = sub.add_parser("train", help="train a recipe")
+    tr.add_argument("recipe", help="recipe YAML path or bundled recipe name")
+    tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a recipe key, e.g. --set training.steps=200")
+    tr.add_argument("--out", default=None, help="run directory (default <output.dir>/run)")
+    tr.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    tr.add_argument("--dry-run", action="store_true",
+                    help="print the resolved recipe, data shapes, parameters and time per step")
+    tr.add_argument("--grid", default=None, metavar="LATxLON",
+                    help="grid size for --dry-run when the data cannot be opened here")
+    _add_common(tr)
+
+    gen = sub.add_parser("generate", help="generate an ensemble from a checkpoint")
+    gen.add_argument("checkpoint", help="run directory or checkpoint directory")
+    gen.add_argument("--out", required=True, help="ensemble file (.nc or .zarr)")
+    gen.add_argument("--conditions", default=None,
+                     help='JSON {dim: values}, e.g. \'{"scenario": ["A1B"], "year": [2055]}\', or '
+                          "a NetCDF/Zarr path whose sample coordinates are used")
+    _add_sampling(gen)
+    _add_common(gen)
+
+    fill = sub.add_parser("fill-gaps", help="complete NaN gaps of observed fields")
+    fill.add_argument("checkpoint")
+    fill.add_argument("observed", help="NetCDF/Zarr with NaN gaps")
+    fill.add_argument("--out", required=True, help="ensemble of completions (.nc or .zarr)")
+    fill.add_argument("--members", type=int, default=8)
+    fill.add_argument("--steps", type=int, default=None)
+    fill.add_argument("--resample", type=int, default=None, help="RePaint resampling jumps")
+    fill.add_argument("--batch-size", type=int, default=None)
+    fill.add_argument("--overwrite", action="store_true")
+    _add_common(fill)
+
+    ev = sub.add_parser("evaluate", help="score an ensemble against observations")
+    ev.add_argument("ensemble", help="ensemble file (.nc or .zarr)")
+    ev.add_argument("--obs", required=True, help="observations (same grid and conditions)")
+    ev.add_argument("--reference", default=None, help="reference ensemble (e.g. analog)")
+    ev.add_argument("--out", required=True, help="report folder (scores.json, scores.md)")
+
+    pl = sub.add_parser("plot", help="maps of an ensemble")
+    pl.add_argument("ensemble")
+    pl.add_argument("--kind", default="mean", choices=["members", "mean", "spread", "exceedance"])
+    pl.add_argument("--variable", default=None)
+    pl.add_argument("--threshold", type=float, default=None, help="for --kind exceedance")
+    pl.add_argument("--obs", default=None, help="observations shown next to members")
+    pl.add_argument("--out", required=True, help="PNG path")
+
+    qs = sub.add_parser("quickstart", help="train, generate, evaluate and plot the quickstart")
+    qs.add_argument("--out", default="geodiff-quickstart", help="output folder")
+    qs.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    qs.add_argument("--resume", action="store_true")
+    _add_common(qs)
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    sets = list(getattr(args, "set", []) or [])
+    if getattr(args, "seed", None) is not None:
+        sets.append(f"training.seed={args.seed}")
+    return sets
+
+
+def _open_any(path: str):
+    import xarray as xr
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{path!r} does not exist")
+    if p.suffix == ".zarr" or p.is_dir():
+        return xr.open_zarr(p)
+    return xr.open_dataset(p)
+
+
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    cmd = args.command
+    if cmd is None:
+        parser.print_help()
+        return 2
+    if cmd == "catalog":
+        from geodiff import catalog
+
+        if args.action == "list":
+            for e in catalog.list_entries(args.catalog):
+                net = " (needs network)" if getattr(e, "needs_network", False) else ""
+                print(f"{e.name:28s} {e.description.splitlines()[0][:70]}{net}")
+        elif args.action == "show":
+            print(catalog.describe(args.name, args.catalog))
+        else:
+            parser.parse_args(["catalog", "--help"])
+        return 0
+    if cmd == "recipe":
+        from geodiff.config import bundled_recipes, load_recipe
+
+        if args.action == "validate":
+            recipe = load_recipe(args.recipe, args.set)
+            print(recipe.to_yaml(), end="")
+            print(f"# {args.recipe}: valid")
+        elif args.action == "list":
+            for name, path in bundled_recipes().items():
+                print(f"{name:20s} {path}")
+        else:
+            parser.parse_args(["recipe", "--help"])
+        return 0
+    if cmd == "train":
+        from geodiff.config import load_recipe
+
+        recipe = load_recipe(args.recipe, _overrides(args))
+        if args.dry_run:
+            from geodiff.dryrun import dry_run
+
+            grid = None
+            if args.grid:
+                try:
+                    grid = tuple(int(v) for v in args.grid.lower().split("x"))
+                except ValueError:
+                    grid = ()
+                if len(grid) != 2:
+                    raise ValueError(f"--grid {args.grid!r} must look like 32x64 (lat x lon)")
+            print(dry_run(recipe, device=args.device, grid=grid))
+            return 0
+        from geodiff.train import train
+
+        result = train(recipe, args.out, device=args.device, resume=args.resume)
+        print(f"trained {result.steps} steps in {result.seconds:.0f} s; "
+              f"checkpoint: {result.checkpoint}")
+        return 0
+    if cmd == "generate":
+        from geodiff.ensemble import generate_ensemble
+
+        conditions = None
+        if args.conditions:
+            conditions = (_open_any(args.conditions) if Path(args.conditions).exists()
+                          else json.loads(args.conditions))
+        out = generate_ensemble(args.checkpoint, args.members, conditions, sampler=args.sampler,
+                                steps=args.steps, guidance=args.guidance, eta=args.eta,
+                                seed=args.seed or 0, batch_size=args.batch_size, out=args.out,
+                                overwrite=args.overwrite, device=args.device)
+        print(f"wrote {out}")
+        return 0
+    if cmd == "fill-gaps":
+        from geodiff.gapfill import fill_gaps
+
+        out = fill_gaps(args.checkpoint, _open_any(args.observed), args.members, steps=args.steps,
+                        resample=args.resample, seed=args.seed or 0, batch_size=args.batch_size,
+                        out=args.out, overwrite=args.overwrite, device=args.device)
+        print(f"wrote {out}")
+        return 0
+    if cmd == "evaluate":
+        from geodiff.analysis import evaluate
+
+        ref = _open_any(args.reference) if args.reference else None
+        report = evaluate(_open_any(args.ensemble), _open_any(args.obs), reference=ref,
+                          out_dir=args.out)
+        print(json.dumps(report["summary"], indent=1))
+        print(f"report: {Path(args.out) / 'scores.json'}, {Path(args.out) / 'scores.md'}")
+        return 0
+    if cmd == "plot":
+        from geodiff.plot import plot_ensemble
+
+        obs = _open_any(args.obs) if args.obs else None
+        path = plot_ensemble(_open_any(args.ensemble), args.kind, args.out,
+                             variable=args.variable, threshold=args.threshold, obs=obs)
+        print(f"wrote {path}")
+        return 0
+    if cmd == "quickstart":
+        from geodiff.quickstart import run_quickstart
+
+        run_quickstart(args.out, overrides=_overrides(args), device=args.device,
+                       resume=args.resume)
+        return 0
+    parser.print_help()
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``geodiff`` console script."""
+    from geodiff.config import ConfigError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _run(args, parser)
+    except (ConfigError, ValueError, TypeError, FileNotFoundError, FileExistsError,
+            KeyError) as err:
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"geodiff {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 1
+    except Exception as err:  # a failed run: say so with exit code 1, keep the traceback
+        import traceback
+
+        traceback.print_exc()
+        print(f"geodiff {args.command}: failed: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
