@@ -128,7 +128,7 @@ def run_quickstart(out: str | Path = "geodiff-quickstart", *, overrides: list[st
     figures = quickstart_figures(nc_path, obs_path, out / "figures", var,
                                  recipe.output.threshold)
     total = time.perf_counter() - t_start
-    _say("5/5 done in {:.0f} s".format(total))
+    _say(f"5/5 done in {total:.0f} s")
     s = report["summary"]
     lines = [
         f"  checkpoint        {result.checkpoint}",
