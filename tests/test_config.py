@@ -1,0 +1,86 @@
+"""Recipe parsing: one-to-one YAML mapping, clear errors with key paths, overrides."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from geodiff.config import (
+    ConfigError,
+    Recipe,
+    bundled_recipes,
+    load_recipe,
+    recipe_from_dict,
+)
+
+MINIMAL = {"name": "t", "data": {"source": "x.nc", "variables": ["tas"]}}
+
+
+def test_minimal_recipe_gets_documented_defaults():
+    r = recipe_from_dict(MINIMAL)
+    assert isinstance(r, Recipe)
+    assert r.data.variables == ("tas",)
+    assert r.diffusion.parameterization == "edm"
+    assert r.training.batch_size == 32
+
+
+def test_round_trip_through_yaml_is_exact():
+    r = load_recipe("quickstart")
+    again = recipe_from_dict(yaml.safe_load(r.to_yaml()))
+    assert again == r
+
+
+@pytest.mark.parametrize(
+    ("patch", "fragment"),
+    [
+        ({"training": {"stepz": 3}}, "training.stepz"),
+        ({"training": {"steps": "many"}}, "training.steps = 'many' must be an integer"),
+        ({"training": {"steps": 0}}, "training.steps = 0 is invalid: expected >= 1"),
+        ({"diffusion": {"parameterization": "vp"}}, "choose one of ['edm', 'ddpm']"),
+        ({"model": {"channels": [30, 60]}}, "divisible by groups=8"),
+        ({"model": {"attention_levels": [5]}}, "level indices in 0..2"),
+        ({"split": {"kind": "year_modulo", "remainder": 12}}, "split.remainder = 12"),
+        ({"scaling": {"quantiles": [0.9, 0.1]}}, "scaling.quantiles"),
+        ({"bogus": {}}, "unknown key(s) ['bogus']"),
+    ],
+)
+def test_bad_values_name_the_key_and_the_rule(patch, fragment):
+    data = {**MINIMAL, **patch}
+    with pytest.raises(ConfigError) as err:
+        recipe_from_dict(data)
+    assert fragment in str(err.value)
+
+
+def test_missing_required_key():
+    with pytest.raises(ConfigError, match="missing required key 'data.variables'"):
+        recipe_from_dict({"name": "t", "data": {"source": "x.nc"}})
+
+
+def test_overrides_parse_yaml_values_and_validate():
+    r = recipe_from_dict(MINIMAL).override(["training.steps=7", "model.channels=[16, 32, 64]",
+                                            "diffusion.sigma_data=0.5"])
+    assert r.training.steps == 7
+    assert r.model.channels == (16, 32, 64)
+    assert r.diffusion.sigma_data == 0.5
+    with pytest.raises(ConfigError, match="training.lr = -1.0 is invalid"):
+        r.override(["training.lr=-1"])
+    with pytest.raises(ConfigError, match="not a section"):
+        r.override(["nosuch.key=1"])
+
+
+def test_trend_anomaly_requires_year_conditioning():
+    data = {**MINIMAL, "scaling": {"anomaly": "trend"}}
+    with pytest.raises(ConfigError, match="conditioning.year: true"):
+        recipe_from_dict(data)
+
+
+def test_all_bundled_recipes_validate():
+    names = bundled_recipes()
+    assert "quickstart" in names
+    for name in names:
+        assert load_recipe(name).name
+
+
+def test_unknown_recipe_lists_bundled_ones():
+    with pytest.raises(ConfigError, match="bundled recipes are"):
+        load_recipe("no-such-recipe")
