@@ -1,0 +1,604 @@
+"""Torch datasets over scaled xarray fields: time splits, padding, conditions, channels.
+
+This module is one of the two crossings between the xarray world and the tensor world
+(the other is :mod:`geodiff.ensemble`). A sample is one index along the (stacked) sample dims;
+variables x levels become channels of a ``(C, H+, W+)`` tensor on the padded grid.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import dask
+import numpy as np
+import torch
+import xarray as xr
+
+from geodiff.config import ConditioningConfig, SplitConfig
+
+LAT, LON, LEVEL, TIME = "lat", "lon", "level", "time"
+_SAMPLE = "_sample"
+_PAD_MODES = ("circular", "reflect", "replicate")
+_YEAR_TOLERANCE_FRACTION = 0.1
+"""Years up to 10 % of the training span (at least 1 year) outside the training range pass."""
+
+
+# -- splits ----------------------------------------------------------------------------------
+def split_dataset(ds: xr.Dataset, split: SplitConfig,
+                  sample_dims: Sequence[str]) -> dict[str, xr.Dataset]:
+    """Divide ``ds`` along ``time`` into ``{"train", "val", "test"}`` (never shuffled).
+
+    ``year_modulo``: test = times whose year satisfies ``year % modulo == remainder``, val =
+    the last ``val_fraction`` of the remaining times; ``fraction``: chronological, the last
+    ``test_fraction`` is test and the ``val_fraction`` before it val; ``time_ranges``:
+    inclusive ``[start, end]`` date strings (any calendar). Val and test may be empty, train
+    may not.
+    """
+    if TIME not in ds.dims or TIME not in sample_dims:
+        raise ValueError(f"splits are along 'time', but {list(sample_dims)=} and "
+                         f"ds.dims={sorted(map(str, ds.dims))}; add a time sample dimension")
+    n = ds.sizes[TIME]
+    if split.kind == "year_modulo":
+        years = np.asarray(_year_coord(ds).values).astype(np.int64)
+        is_test = years % split.modulo == split.remainder
+        rest, test = np.flatnonzero(~is_test), np.flatnonzero(is_test)
+        n_val = _count(split.val_fraction, rest.size)
+        parts = {"train": rest[:rest.size - n_val], "val": rest[rest.size - n_val:],
+                 "test": test}
+    elif split.kind == "fraction":
+        order = np.argsort(np.asarray(ds[TIME].values), kind="stable")
+        n_test, n_val = _count(split.test_fraction, n), _count(split.val_fraction, n)
+        n_train = n - n_test - n_val
+        parts = {"train": order[:n_train], "val": order[n_train:n_train + n_val],
+                 "test": order[n_train + n_val:]}
+    else:
+        parts = {name: _range_positions(ds, getattr(split, name), name)
+                 for name in ("train", "val", "test")}
+        for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+            both = np.intersect1d(parts[a], parts[b])
+            if both.size:
+                raise ValueError(f"split.{a}={getattr(split, a)} and split.{b}="
+                                 f"{getattr(split, b)} overlap in {both.size} times; make the "
+                                 f"time ranges disjoint")
+    if parts["train"].size == 0:
+        raise ValueError(f"the train split is empty ({split=}, {n} times); adjust the split")
+    return {name: ds.isel({TIME: np.sort(idx)}) for name, idx in parts.items()}
+
+
+def _count(fraction: float, n: int) -> int:
+    """Number of times for a fraction: rounded, at least 1 when the fraction is positive."""
+    return 0 if fraction <= 0 or n == 0 else max(1, round(fraction * n))
+
+
+def _range_positions(ds: xr.Dataset, bounds: tuple[str, str] | None, name: str) -> np.ndarray:
+    if bounds is None:
+        return np.zeros(0, dtype=np.int64)
+    index = ds.indexes.get(TIME)
+    try:
+        sl = index.slice_indexer(bounds[0], bounds[1])
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise ValueError(f"split.{name}={list(bounds)} cannot select times from the time "
+                         f"index ({type(index).__name__}): {err}; use date strings such as "
+                         f"['1860-01-01', '1999-12-31'] on a decoded, sorted time") from None
+    return np.arange(ds.sizes[TIME], dtype=np.int64)[sl]
+
+
+def _year_coord(ds: xr.Dataset) -> xr.DataArray:
+    if "year" in ds.coords:
+        return ds.coords["year"]
+    if TIME in ds.coords:
+        try:
+            return ds[TIME].dt.year
+        except (AttributeError, TypeError):
+            pass
+    raise ValueError(f"a 'year' coordinate is needed; ds has coords {sorted(map(str, ds.coords))}"
+                     f" and no decoded time; assign one with ds.assign_coords(year=...)")
+
+
+# -- padding ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Padding:
+    """Pad ``(..., H, W)`` to a UNet-friendly size and crop back exactly.
+
+    ``mode`` pads longitude (``circular`` for periodic grids), ``lat_mode`` latitude
+    (``replicate`` or ``reflect``; the UNet handles pole-aware padding itself).
+    """
+
+    lat_before: int = 0
+    lat_after: int = 0
+    lon_before: int = 0
+    lon_after: int = 0
+    mode: str = "replicate"
+    lat_mode: str = "replicate"
+
+    def __post_init__(self) -> None:
+        if self.mode not in _PAD_MODES or self.lat_mode not in ("reflect", "replicate"):
+            raise ValueError(f"Padding mode={self.mode!r} must be one of {_PAD_MODES} and "
+                             f"lat_mode={self.lat_mode!r} one of ('reflect', 'replicate')")
+        if min(self.lat_before, self.lat_after, self.lon_before, self.lon_after) < 0:
+            raise ValueError(f"padding widths must be >= 0, got {self}")
+
+    def padded_shape(self, n_lat: int, n_lon: int) -> tuple[int, int]:
+        return (n_lat + self.lat_before + self.lat_after,
+                n_lon + self.lon_before + self.lon_after)
+
+    def lat_index(self, n: int) -> np.ndarray:
+        """Source row of every padded row, ``(H+,)``."""
+        return _pad_index(n, self.lat_before, self.lat_after, self.lat_mode)
+
+    def lon_index(self, n: int) -> np.ndarray:
+        """Source column of every padded column, ``(W+,)``."""
+        return _pad_index(n, self.lon_before, self.lon_after, self.mode)
+
+    def apply(self, t: torch.Tensor) -> torch.Tensor:
+        """``(..., H, W) -> (..., H+, W+)`` by gathering rows and columns (exact copies)."""
+        rows = torch.from_numpy(self.lat_index(t.shape[-2])).to(t.device)
+        cols = torch.from_numpy(self.lon_index(t.shape[-1])).to(t.device)
+        return t.index_select(-2, rows).index_select(-1, cols)
+
+    def crop(self, t: torch.Tensor) -> torch.Tensor:
+        """``(..., H+, W+) -> (..., H, W)``: inverse of :meth:`apply`."""
+        h, w = t.shape[-2], t.shape[-1]
+        return t[..., self.lat_before:h - self.lat_after, self.lon_before:w - self.lon_after]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Padding:
+        return cls(**d)
+
+
+def compute_padding(n_lat: int, n_lon: int, multiple: int, periodic: bool, *,
+                    mode: str = "replicate") -> Padding:
+    """Smallest padding making H and W multiples of ``multiple`` (split evenly on both sides).
+
+    Longitude is padded circularly when ``periodic``, otherwise with ``mode`` (``replicate``
+    or ``reflect``), and latitude always with ``mode``.
+    """
+    if multiple < 1 or n_lat < 1 or n_lon < 1:
+        raise ValueError(f"{multiple=}, {n_lat=} and {n_lon=} must all be >= 1")
+    if mode not in ("reflect", "replicate"):
+        raise ValueError(f"{mode=} must be 'replicate' or 'reflect'")
+    d_lat, d_lon = -n_lat % multiple, -n_lon % multiple
+    return Padding(lat_before=d_lat // 2, lat_after=d_lat - d_lat // 2, lon_before=d_lon // 2,
+                   lon_after=d_lon - d_lon // 2, mode="circular" if periodic else mode,
+                   lat_mode=mode)
+
+
+def _pad_index(n: int, before: int, after: int, mode: str) -> np.ndarray:
+    i = np.arange(-before, n + after)
+    if mode == "circular":
+        return i % n
+    if mode == "replicate" or n == 1:
+        return np.clip(i, 0, n - 1)
+    j = i % (2 * n - 2)  # reflect without repeating the edge: period 2 (n - 1)
+    return np.where(j >= n, 2 * n - 2 - j, j)
+
+
+# -- condition vector ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ConditionSpec:
+    """Layout of the condition vector: ``[year_norm] [sin, cos day of year] [one-hot labels]``.
+
+    ``year_norm = (year - year_center) / year_scale`` (about [-1, 1] on the training years);
+    the day-of-year phase is ``2 pi (dayofyear - 1) / days_in_year`` for ``calendar``; each
+    label (e.g. ``scenario``) is one-hot over ``label_values`` in training order.
+    """
+
+    year: bool = False
+    year_center: float = 0.0
+    year_scale: float = 1.0
+    year_min: float = 0.0
+    year_max: float = 0.0
+    year_tolerance: float = 0.0
+    day_of_year: bool = False
+    calendar: str = "standard"
+    labels: tuple[str, ...] = ()
+    label_values: tuple[tuple[Any, ...], ...] = ()
+
+    @property
+    def dim(self) -> int:
+        """Length K of the condition vector."""
+        return int(self.year) + 2 * int(self.day_of_year) + sum(map(len, self.label_values))
+
+    @property
+    def names(self) -> list[str]:
+        """Name of each component of the vector, ``(K,)``."""
+        out = ["year"] if self.year else []
+        out += ["sin_dayofyear", "cos_dayofyear"] if self.day_of_year else []
+        for label, values in zip(self.labels, self.label_values, strict=True):
+            out += [f"{label}={v}" for v in values]
+        return out
+
+    def vector(self, coords: Mapping[str, Any]) -> np.ndarray:
+        """Condition vector ``(K,)`` float32 of one sample from its coordinate values."""
+        out: list[float] = []
+        if self.year:
+            out.append((_scalar_time_feature(coords, "year") - self.year_center)
+                       / self.year_scale)
+        if self.day_of_year:
+            doy = _scalar_time_feature(coords, "dayofyear")
+            year = _scalar_time_feature(coords, "year") if self._leap_dependent() else None
+            phase = 2 * math.pi * (doy - 1) / _days_in_year(self.calendar, year)
+            out += [math.sin(phase), math.cos(phase)]
+        for label, values in zip(self.labels, self.label_values, strict=True):
+            value = self._label_value(coords, label)
+            if value not in values:
+                raise ValueError(f"{label}={value!r} was not seen in training; known "
+                                 f"{label} values are {list(values)}")
+            out += [float(value == v) for v in values]
+        return np.asarray(out, dtype=np.float32)
+
+    def check(self, coords: Mapping[str, Any]) -> None:
+        """Raise ValueError for labels not seen, or years too far outside the training range.
+
+        ``coords`` maps names to scalars or arrays (e.g. ``ds.coords`` of requested cells).
+        """
+        for label, values in zip(self.labels, self.label_values, strict=True):
+            unseen = sorted({_plain(v) for v in np.ravel(self._label_value(coords, label))}
+                            - set(values), key=str)
+            if unseen:
+                raise ValueError(f"{label}={unseen} not seen in training; the model knows "
+                                 f"{label} values {list(values)}")
+        if self.year:
+            years = np.ravel(np.asarray(_time_feature_values(coords, "year"), dtype=np.float64))
+            lo, hi = self.year_min - self.year_tolerance, self.year_max + self.year_tolerance
+            bad = years[(years < lo) | (years > hi)]
+            if bad.size:
+                raise ValueError(f"year={sorted(set(bad.tolist()))} outside the training range "
+                                 f"{self.year_min:g}..{self.year_max:g}; allowed {lo:g}..{hi:g} "
+                                 f"(tolerance {self.year_tolerance:g} years)")
+        if self.day_of_year:
+            _time_feature_values(coords, "dayofyear")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["labels"] = list(self.labels)
+        d["label_values"] = [list(v) for v in self.label_values]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ConditionSpec:
+        d = dict(d)
+        d["labels"] = tuple(d.get("labels", ()))
+        d["label_values"] = tuple(tuple(v) for v in d.get("label_values", ()))
+        return cls(**d)
+
+    @classmethod
+    def from_config(cls, cfg: ConditioningConfig, train_ds: xr.Dataset) -> ConditionSpec:
+        """The spec for ``cfg``: year range, calendar and label values of the train split."""
+        kwargs: dict[str, Any] = {"year": cfg.year, "day_of_year": cfg.day_of_year}
+        if cfg.year or cfg.day_of_year:
+            years = np.asarray(_year_coord(train_ds).values, dtype=np.float64)
+            if years.size == 0:
+                raise ValueError("the training split has no years to normalise the year with")
+            lo, hi = float(years.min()), float(years.max())
+            kwargs.update(year_center=(lo + hi) / 2, year_scale=(hi - lo) / 2 if hi > lo else 1.0,
+                          year_min=lo, year_max=hi,
+                          year_tolerance=max(_YEAR_TOLERANCE_FRACTION * (hi - lo), 1.0))
+        if cfg.day_of_year:
+            kwargs["calendar"] = _calendar(train_ds)
+        missing = [lab for lab in cfg.labels if lab not in train_ds.coords]
+        if missing:
+            raise ValueError(f"conditioning.labels={list(cfg.labels)}: {missing} are not "
+                             f"coordinates of the data (coords: "
+                             f"{sorted(map(str, train_ds.coords))})")
+        kwargs["labels"] = tuple(cfg.labels)
+        kwargs["label_values"] = tuple(
+            tuple(_unique_in_order(np.ravel(train_ds.coords[lab].values))) for lab in cfg.labels)
+        return cls(**kwargs)
+
+    def _leap_dependent(self) -> bool:
+        return self.calendar in ("standard", "gregorian", "proleptic_gregorian", "julian")
+
+    @staticmethod
+    def _label_value(coords: Mapping[str, Any], label: str) -> Any:
+        if label not in coords:
+            raise ValueError(f"the condition needs label {label!r}, but the coordinates have "
+                             f"only {sorted(map(str, coords))}")
+        value = coords[label]
+        value = getattr(value, "values", value)
+        return _plain(value.item()) if np.ndim(value) == 0 and hasattr(value, "item") else value
+
+
+def _time_feature_values(coords: Mapping[str, Any], name: str) -> Any:
+    """``year`` or ``dayofyear`` from ``coords``, derived from ``time`` when absent."""
+    if name in coords:
+        return getattr(coords[name], "values", coords[name])
+    if TIME in coords:
+        t = np.ravel(np.asarray(getattr(coords[TIME], "values", coords[TIME])))
+        if t.dtype.kind == "M":
+            t = t.astype("datetime64[s]").astype(object)
+        try:
+            if name == "year":
+                return np.array([v.year for v in t])
+            return np.array([v.timetuple().tm_yday for v in t])  # cftime: calendar-aware
+        except AttributeError:
+            pass
+    raise ValueError(f"the condition needs {name!r} (or a decoded 'time'), but the coordinates "
+                     f"have only {sorted(map(str, coords))}")
+
+
+def _scalar_time_feature(coords: Mapping[str, Any], name: str) -> float:
+    values = np.ravel(np.asarray(_time_feature_values(coords, name), dtype=np.float64))
+    if values.size != 1:
+        raise ValueError(f"{name} must be a single value for one sample, got {values.size}")
+    return float(values[0])
+
+
+def _days_in_year(calendar: str, year: float | None) -> float:
+    fixed = {"360_day": 360.0, "noleap": 365.0, "365_day": 365.0, "all_leap": 366.0,
+             "366_day": 366.0}
+    if calendar in fixed:
+        return fixed[calendar]
+    if year is None:
+        return 365.25
+    y = int(year)
+    leap = y % 4 == 0 if calendar == "julian" else (y % 4 == 0 and (y % 100 != 0 or y % 400 == 0))
+    return 366.0 if leap else 365.0
+
+
+def _calendar(ds: xr.Dataset) -> str:
+    if TIME not in ds.coords:
+        raise ValueError("conditioning.day_of_year needs a decoded 'time' coordinate")
+    t = ds[TIME]
+    if t.dtype.kind == "M":
+        return "proleptic_gregorian"
+    first = np.ravel(t.values)[0] if t.size else None
+    calendar = getattr(first, "calendar", None) or t.encoding.get("calendar")
+    if calendar is None:
+        raise ValueError(f"conditioning.day_of_year needs a decoded time; got {t.dtype}")
+    return str(calendar)
+
+
+# -- dataset ---------------------------------------------------------------------------------
+class FieldDataset(torch.utils.data.Dataset):
+    """Samples of scaled fields as padded tensors (in memory or streamed with dask).
+
+    Item ``i`` is a dict of tensors: ``"x"`` ``(C, H+, W+)`` float32 (NaN -> 0);
+    ``"weight"`` ``(C, H+, W+)`` = area weight (cos lat, mean 1 on the unpadded grid) x
+    validity, 0 on NaN pixels and on padding; ``"fields"`` ``(F, H+, W+)`` = [sin lat, cos lat,
+    sin lon, cos lon] (``coord_channels``), [validity mask of all channels] (``mask_channel``
+    and the data has NaNs, or ``with_mask``), static fields, conditioning fields (NaN -> 0);
+    ``"cond"`` ``(K,)`` float32; ``"index"`` ``()`` int64. ``__getitems__`` reads a whole batch
+    in one dask computation (used by ``DataLoader``).
+    """
+
+    def __init__(self, ds_scaled: xr.Dataset, variables: Sequence[str],
+                 sample_dims: Sequence[str], cond_spec: ConditionSpec,
+                 cond_config: ConditioningConfig, padding: Padding,
+                 memory_budget_gb: float = 2.0, static: xr.Dataset | None = None, *,
+                 with_mask: bool | None = None) -> None:
+        self.variables, self.sample_dims = list(variables), tuple(sample_dims)
+        self.cond_spec, self.cond_config, self.padding = cond_spec, cond_config, padding
+        missing = [d for d in (*self.sample_dims, LAT, LON) if d not in ds_scaled.dims]
+        if missing:
+            raise ValueError(f"dims {missing} (sample dims {list(self.sample_dims)} + lat/lon) "
+                             f"not in ds_scaled.dims={sorted(map(str, ds_scaled.dims))}")
+        self._sample_shape = tuple(ds_scaled.sizes[d] for d in self.sample_dims)
+        self._n = int(np.prod(self._sample_shape))
+        self._n_lat, self._n_lon = ds_scaled.sizes[LAT], ds_scaled.sizes[LON]
+        arrays, self.channel_names = self._channel_arrays(ds_scaled, self.variables, "variables")
+        cond_arrays, cond_names = self._channel_arrays(ds_scaled, cond_config.fields,
+                                                       "conditioning.fields")
+        self._lat_idx = padding.lat_index(self._n_lat)
+        self._lon_idx = padding.lon_index(self._n_lon)
+        n_bytes = 4 * self._n * self._n_lat * self._n_lon * (len(self.channel_names)
+                                                              + len(cond_names))
+        self.in_memory = n_bytes <= memory_budget_gb * 1e9
+        if self.in_memory:
+            self._data = _load_channels(arrays, self._n)
+            self._cond_data = _load_channels(cond_arrays, self._n) if cond_arrays else None
+        self._arrays, self._cond_arrays = arrays, cond_arrays
+        if with_mask is None:
+            with_mask = cond_config.mask_channel and self._has_nan()
+        self.with_mask = bool(with_mask)
+        self._weight_base = self._zero_pad(np.broadcast_to(
+            _area_weights(ds_scaled[LAT].values)[:, None], (self._n_lat, self._n_lon)))
+        self._coord_fields = (self._coord_channels(ds_scaled) if cond_config.coord_channels
+                              else np.zeros((0, *self._padded_shape), np.float32))
+        self._static_fields, static_names = self._static(ds_scaled, static)
+        self.field_names = (["sin_lat", "cos_lat", "sin_lon", "cos_lon"]
+                            * cond_config.coord_channels + ["mask"] * self.with_mask
+                            + static_names + cond_names)
+        self._coords = _sample_coord_table(ds_scaled, self.sample_dims)
+        self._cond = np.stack([cond_spec.vector(self.sample_coords(i)) for i in range(self._n)]
+                              ) if cond_spec.dim and self._n else np.zeros((self._n, 0),
+                                                                           np.float32)
+
+    # -- public ------------------------------------------------------------------------------
+    @property
+    def n_fields(self) -> int:
+        return len(self.field_names)
+
+    def __len__(self) -> int:
+        return self._n
+
+    def sample_coords(self, i: int) -> dict[str, Any]:
+        """Coordinate labels of sample ``i`` (sample dims and their 1-d coordinates)."""
+        pos = dict(zip(self.sample_dims, np.unravel_index(self._check_index(i),
+                                                          self._sample_shape), strict=True))
+        return {name: _plain(values[tuple(pos[d] for d in dims)])
+                for name, (dims, values) in self._coords.items()}
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, torch.Tensor]]:
+        idx = np.array([self._check_index(int(i)) for i in indices], dtype=np.int64)
+        block, cond_block = self._read(idx)  # (B, C, H, W), (B, Fc, H, W) with NaNs
+        valid = ~np.isnan(block)
+        x = self._pad(np.where(valid, block, np.float32(0)))  # (B, C, H+, W+)
+        weight = self._weight_base * self._zero_pad(valid)  # (B, C, H+, W+)
+        fields = [np.broadcast_to(self._coord_fields, (len(idx), *self._coord_fields.shape))]
+        if self.with_mask:
+            fields.append(self._zero_pad(valid.all(axis=1, keepdims=True)))
+        if self._static_fields is not None:
+            fields.append(np.broadcast_to(self._static_fields,
+                                          (len(idx), *self._static_fields.shape)))
+        if cond_block is not None:
+            fields.append(self._pad(np.nan_to_num(cond_block, nan=0.0)))
+        f = np.concatenate(fields, axis=1).astype(np.float32)  # (B, F, H+, W+)
+        return [{"x": torch.from_numpy(x[b]), "weight": torch.from_numpy(weight[b]),
+                 "fields": torch.from_numpy(f[b]), "cond": torch.from_numpy(self._cond[i]),
+                 "index": torch.tensor(i, dtype=torch.int64)} for b, i in enumerate(idx)]
+
+    # -- reading -----------------------------------------------------------------------------
+    def _read(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        if self.in_memory:
+            return self._data[idx], (self._cond_data[idx] if self._cond_data is not None
+                                     else None)
+        order = np.argsort(idx, kind="stable")
+        pos = np.unravel_index(idx[order], self._sample_shape)
+        sel = {d: xr.DataArray(p, dims=_SAMPLE) for d, p in zip(self.sample_dims, pos,
+                                                                  strict=True)}
+        picked = [a.isel(sel).data for a in self._arrays + self._cond_arrays]
+        scheduler = "synchronous" if torch.utils.data.get_worker_info() else None
+        values = dask.compute(*picked, scheduler=scheduler)
+        parts = [np.asarray(v, np.float32).reshape(len(idx), -1, self._n_lat, self._n_lon)
+                 for v in values]  # (B, c_v, H, W) each
+        inverse = np.argsort(order)
+        n_var = len(self._arrays)
+        block = np.concatenate(parts[:n_var], axis=1)[inverse]
+        cond = np.concatenate(parts[n_var:], axis=1)[inverse] if self._cond_arrays else None
+        return block, cond
+
+    def _has_nan(self) -> bool:
+        if self.in_memory:
+            return bool(np.isnan(self._data).any())
+        checks = [a.isnull().any().data for a in self._arrays]
+        return bool(np.any(dask.compute(*checks)))
+
+    def _check_index(self, i: int) -> int:
+        j = i + self._n if i < 0 else i
+        if not 0 <= j < self._n:
+            raise IndexError(f"sample index {i} out of range for {self._n} samples")
+        return j
+
+    # -- padding and channels ----------------------------------------------------------------
+    @property
+    def _padded_shape(self) -> tuple[int, int]:
+        return self.padding.padded_shape(self._n_lat, self._n_lon)
+
+    def _pad(self, a: np.ndarray) -> np.ndarray:
+        """``(..., H, W) -> (..., H+, W+)`` with the padding's modes."""
+        return a[..., self._lat_idx, :][..., self._lon_idx]
+
+    def _zero_pad(self, a: np.ndarray) -> np.ndarray:
+        """``(..., H, W) -> (..., H+, W+)`` float32, zero on the padding."""
+        p = self.padding
+        out = np.zeros((*a.shape[:-2], *self._padded_shape), np.float32)
+        out[..., p.lat_before:p.lat_before + self._n_lat,
+            p.lon_before:p.lon_before + self._n_lon] = a
+        return out
+
+    def _channel_arrays(self, ds: xr.Dataset, names: Sequence[str],
+                        what: str) -> tuple[list[xr.DataArray], list[str]]:
+        arrays, channels = [], []
+        allowed = {*self.sample_dims, LEVEL, LAT, LON}
+        for name in names:
+            if name not in ds.data_vars:
+                raise ValueError(f"{what}: {name!r} not in the Dataset; it has "
+                                 f"{list(ds.data_vars)}")
+            da = ds[name]
+            if set(da.dims) - allowed or set(self.sample_dims) - set(da.dims):
+                raise ValueError(f"{what}: {name!r} has dims {da.dims}; expected all of "
+                                 f"{list(self.sample_dims)} plus lat, lon and optionally level")
+            has_level = LEVEL in da.dims
+            arrays.append(da.transpose(*self.sample_dims, *([LEVEL] * has_level), LAT, LON))
+            channels += ([f"{name}@{_fmt_level(v)}" for v in da[LEVEL].values] if has_level
+                         else [name])
+        return arrays, channels
+
+    def _static(self, ds: xr.Dataset, static: xr.Dataset | None
+                ) -> tuple[np.ndarray | None, list[str]]:
+        names = list(self.cond_config.static_fields)
+        if not names:
+            return None, []
+        source = static if static is not None else ds
+        blocks, channels = [], []
+        for name in names:
+            if name not in source.data_vars:
+                raise ValueError(f"conditioning.static_fields: {name!r} not found in "
+                                 f"{'static' if static is not None else 'ds_scaled'} "
+                                 f"(variables {list(source.data_vars)})")
+            da = source[name]
+            if set(da.dims) - {LEVEL, LAT, LON}:
+                raise ValueError(f"static field {name!r} has dims {da.dims}; it must be "
+                                 f"time-invariant (lat, lon and optionally level)")
+            has_level = LEVEL in da.dims
+            arr = np.asarray(da.transpose(*([LEVEL] * has_level), LAT, LON).values, np.float32)
+            blocks.append(arr.reshape(-1, self._n_lat, self._n_lon))
+            channels += ([f"{name}@{_fmt_level(v)}" for v in da[LEVEL].values] if has_level
+                         else [name])
+        return self._pad(np.nan_to_num(np.concatenate(blocks), nan=0.0)), channels
+
+    def _coord_channels(self, ds: xr.Dataset) -> np.ndarray:
+        """[sin lat, cos lat, sin lon, cos lon] on the padded grid, ``(4, H+, W+)``."""
+        p = self.padding
+        lat = np.deg2rad(_extend(ds[LAT].values, p.lat_before, p.lat_after))
+        lon = np.deg2rad(_extend(ds[LON].values, p.lon_before, p.lon_after))
+        lat2, lon2 = np.meshgrid(lat, lon, indexing="ij")  # (H+, W+)
+        return np.stack([np.sin(lat2), np.cos(lat2), np.sin(lon2), np.cos(lon2)]
+                        ).astype(np.float32)
+
+
+def _load_channels(arrays: list[xr.DataArray], n: int) -> np.ndarray:
+    """Stack DataArrays ``(*sample, [level], lat, lon)`` into ``(N, C, H, W)`` float32."""
+    parts = []
+    for a in arrays:
+        v = np.asarray(a.values, dtype=np.float32)
+        parts.append(v.reshape(n, -1, *v.shape[-2:]))  # (N, c_v, H, W)
+    return np.concatenate(parts, axis=1)
+
+
+def _extend(values: np.ndarray, before: int, after: int) -> np.ndarray:
+    """Coordinate values continued linearly past both ends (edge spacing)."""
+    v = np.asarray(values, dtype=np.float64)
+    step_b = v[1] - v[0] if v.size > 1 else 1.0
+    step_a = v[-1] - v[-2] if v.size > 1 else 1.0
+    return np.concatenate([v[0] - step_b * np.arange(before, 0, -1), v,
+                           v[-1] + step_a * np.arange(1, after + 1)])
+
+
+def _area_weights(lat: np.ndarray) -> np.ndarray:
+    """cos(lat) normalised to mean 1, ``(n_lat,)`` (as ``grid.area_weights``)."""
+    w = np.cos(np.deg2rad(np.asarray(lat, dtype=np.float64)))
+    return (w / w.mean()).astype(np.float32)
+
+
+def _sample_coord_table(ds: xr.Dataset, sample_dims: tuple[str, ...]
+                        ) -> dict[str, tuple[tuple[str, ...], np.ndarray]]:
+    """Coordinates living on the sample dims (plus ``year``/``dayofyear`` from time)."""
+    table = {}
+    for name, c in ds.coords.items():
+        if c.ndim and set(c.dims) <= set(sample_dims):
+            table[str(name)] = (tuple(c.dims), np.asarray(c.values))
+    if TIME in table:
+        for feature in ("year", "dayofyear"):
+            if feature not in table:
+                try:
+                    table[feature] = ((TIME,), np.asarray(getattr(ds[TIME].dt, feature).values))
+                except (AttributeError, TypeError):
+                    pass
+    return table
+
+
+def _fmt_level(v: Any) -> str:
+    v = _plain(v)
+    return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
+
+
+def _unique_in_order(values: np.ndarray) -> list:
+    seen: dict = {}
+    for v in values:
+        seen.setdefault(_plain(v), None)
+    return list(seen)
+
+
+def _plain(v: Any) -> Any:
+    return v.item() if isinstance(v, np.generic) else v
