@@ -108,7 +108,7 @@ def weighted_mean(x: XrObj, dim: str | Sequence[str] | None = None) -> XrObj:
     return x.mean(rest) if rest else x
 
 
-def _require_member(obj: xr.DataArray | xr.Dataset, name: str) -> int:
+def require_member(obj: xr.DataArray | xr.Dataset, name: str) -> int:
     """Number of members of ``obj``; a ValueError naming the fix when there is no member dim."""
     if MEMBER not in obj.dims:
         raise ValueError(
@@ -134,7 +134,7 @@ def check_matching(ens: xr.DataArray | xr.Dataset, obs: xr.DataArray | xr.Datase
 
     The non-member dimensions must be the same, with the same sizes and coordinate values.
     """
-    _require_member(ens, ens_name)
+    require_member(ens, ens_name)
     if MEMBER in obs.dims:
         raise ValueError(f"{obs_name} has a {MEMBER!r} dimension; observations are one field "
                          f"per sample: select or squeeze it, e.g. {obs_name}.isel({MEMBER}=0)")
@@ -171,20 +171,20 @@ def _one_member_chunk(x: XrObj) -> XrObj:
 
 def ensemble_mean(ens: XrObj) -> XrObj:
     """Ensemble mean over ``member``: ``(member, ...) -> (...)``."""
-    _require_member(ens, "ens")
+    require_member(ens, "ens")
     return ens.mean(MEMBER)
 
 
 def ensemble_spread(ens: XrObj) -> XrObj:
     """Ensemble standard deviation over ``member`` (ddof = 1): ``(member, ...) -> (...)``."""
-    if _require_member(ens, "ens") < 2:
+    if require_member(ens, "ens") < 2:
         raise ValueError("ensemble_spread needs at least 2 members (ddof=1); got 1")
     return ens.std(MEMBER, ddof=1)
 
 
 def ensemble_quantiles(ens: XrObj, q: float | Sequence[float]) -> XrObj:
     """Empirical quantiles over members (linear interpolation): ``-> (quantile, ...)``."""
-    _require_member(ens, "ens")
+    require_member(ens, "ens")
     qs = np.atleast_1d(np.asarray(q, dtype=float))
     if np.any((qs < 0) | (qs > 1)):
         raise ValueError(f"{q=} must lie in [0, 1]")
@@ -194,7 +194,7 @@ def ensemble_quantiles(ens: XrObj, q: float | Sequence[float]) -> XrObj:
 def exceedance_count(ens: XrObj, threshold: float | xr.DataArray, *,
                      below: bool = False) -> XrObj:
     """Number of members above ``threshold`` (below it with ``below=True``): ``-> (...)``."""
-    _require_member(ens, "ens")
+    require_member(ens, "ens")
     hit = ens < threshold if below else ens > threshold
     return hit.sum(MEMBER)
 
@@ -206,7 +206,7 @@ def exceedance_probability(ens: XrObj, threshold: float | xr.DataArray, *,
     ``threshold`` is a number or a DataArray broadcasting against the fields (e.g. a
     climatological quantile map).  NaN members are left out; all-NaN points give NaN.
     """
-    _require_member(ens, "ens")
+    require_member(ens, "ens")
     hit = ens < threshold if below else ens > threshold
     return hit.where(ens.notnull()).mean(MEMBER)
 
@@ -243,7 +243,7 @@ def _crps_kernel(x: np.ndarray, y: np.ndarray, fair: bool) -> np.ndarray:
 
 
 def _crps(ens: XrObj, obs: XrObj, fair: bool) -> XrObj:
-    m = _require_member(ens, "ens")
+    m = require_member(ens, "ens")
     if fair and m < 2:
         raise ValueError(f"fair CRPS needs at least 2 members, got {m}; use crps_ensemble "
                          f"(ordinary CRPS, equal to the absolute error for one member)")
@@ -305,7 +305,7 @@ def spread_skill_ratio(ens: XrObj, obs: XrObj,
     ``sqrt((M + 1) / M)`` makes 1 the ideal value for a finite exchangeable ensemble
     (Fortin et al. 2014, J. Hydrometeor. 15, 1708-1713).
     """
-    m = _require_member(ens, "ens")
+    m = require_member(ens, "ens")
     spread = np.sqrt(weighted_mean(ens.var(MEMBER, ddof=1), dim))
     skill = np.sqrt(weighted_mean((ens.mean(MEMBER) - obs) ** 2, dim))
     return np.sqrt((m + 1) / m) * spread / skill
@@ -318,7 +318,7 @@ def spread_skill_bins(ens: xr.DataArray, obs: xr.DataArray, bins: int = 10) -> x
     weighted mean variance in the bin), ``rmse`` of the ensemble mean and ``count``.  For a
     calibrated ensemble ``spread == rmse`` in every bin.
     """
-    m = _require_member(ens, "ens")
+    m = require_member(ens, "ens")
     check_matching(ens, obs)
     var, sq_err = dask.compute(ens.var(MEMBER, ddof=1), (ens.mean(MEMBER) - obs) ** 2)
     w = lat_weights(obs).broadcast_like(obs).transpose(*obs.dims).values.ravel()
@@ -351,7 +351,7 @@ def rank_histogram(ens: xr.DataArray, obs: xr.DataArray, rng: np.random.Generato
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}; "
                         f"pass np.random.default_rng(seed)")
-    m = _require_member(ens, "ens")
+    m = require_member(ens, "ens")
     check_matching(ens, obs)
     n_less = (ens < obs).sum(MEMBER)
     n_tied = (ens == obs).sum(MEMBER)
@@ -384,7 +384,7 @@ def energy_score(ens: xr.DataArray, obs: xr.DataArray, *, fair: bool = True) -> 
     points valid in the obs and all members, so ES has the variable's units.
     ``ens (member, ..., lat, lon)``, ``obs (..., lat, lon)`` -> ``(...)``.
     """
-    m = _require_member(ens, "ens")
+    m = require_member(ens, "ens")
     if fair and m < 2:
         raise ValueError(f"the fair energy score needs at least 2 members, got {m}")
     check_matching(ens, obs)
@@ -549,9 +549,9 @@ def evaluate(ens: xr.Dataset | xr.DataArray, obs: xr.Dataset | xr.DataArray, *,
     """
     ens_ds, obs_ds = _as_dataset(ens, "ens"), _as_dataset(obs, "obs")
     ref_ds = None if reference is None else _as_dataset(reference, "reference")
-    _require_member(ens_ds, "ens")
+    require_member(ens_ds, "ens")
     if ref_ds is not None:
-        _require_member(ref_ds, "reference")
+        require_member(ref_ds, "reference")
     names = ([v for v in ens_ds.data_vars if v in obs_ds.data_vars and MEMBER in ens_ds[v].dims]
              if variables is None else list(variables))
     if not names:

@@ -1,0 +1,439 @@
+"""Figures of ensembles: cartopy maps with offline coastlines, matplotlib diagnostics.
+
+Maps (:func:`plot_ensemble`, :func:`map_fields`) draw selected members, the ensemble mean,
+the spread and exceedance probabilities on a PlateCarree data transform: regional grids
+get their own extent, global grids a Robinson map with a cyclic column (no seam at the
+date line).  Coastlines come from the Natural Earth 110m coastline (public domain,
+naturalearthdata.com) shipped in ``geodiff/data/cartopy``, so nothing is downloaded; a
+user's own ``CARTOPY_DATA_DIR`` or ``cartopy.config["pre_existing_data_dir"]`` wins.
+
+Diagnostics (:func:`rank_histogram_figure`, :func:`spread_skill_figure`,
+:func:`spectra_figure`) are plain matplotlib.  matplotlib and cartopy are imported inside
+the functions; figures are ``matplotlib.figure.Figure`` objects (no pyplot state) saved as
+PNG atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from geodiff import analysis
+from geodiff.analysis import MEMBER, WAVENUMBER
+
+KINDS = ("members", "mean", "spread", "exceedance")
+STYLES = ("auto", "sequential", "diverging", "spread", "probability")
+CARTOPY_DATA = Path(__file__).resolve().parent / "data" / "cartopy"
+_SIGNED_WORDS = ("anom", "diff", "error", "bias", "residual", "change", "increment")
+
+
+def offline_coastlines() -> Path:
+    """Make cartopy find Natural Earth files locally; returns the directory it will use.
+
+    Sets ``cartopy.config["pre_existing_data_dir"]`` to geodiff's shipped data only when the
+    user has set neither the ``CARTOPY_DATA_DIR`` environment variable nor a non-default
+    ``pre_existing_data_dir``.  Cartopy's downloaders are left alone: it checks this
+    directory before it would download anything.
+    """
+    import cartopy
+
+    current = cartopy.config.get("pre_existing_data_dir")
+    if "CARTOPY_DATA_DIR" not in os.environ and str(current or "") in ("", "."):
+        cartopy.config["pre_existing_data_dir"] = CARTOPY_DATA
+    return Path(cartopy.config["pre_existing_data_dir"])
+
+
+# ---------------------------------------------------------------------------------------
+# helpers
+
+
+def _check_out(out: str | Path) -> Path:
+    out = Path(out)
+    if out.suffix.lower() != ".png":
+        raise ValueError(f"{out=} must be a .png path (figures are saved as PNG)")
+    return out
+
+
+def _save(fig: Any, out: Path, dpi: int = 110) -> Path:
+    """Save ``fig`` as PNG at ``out`` atomically (temp file in the same folder + replace)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
+
+
+def _variable(obj: xr.Dataset | xr.DataArray, variable: Hashable | None,
+              name: str) -> xr.DataArray:
+    """The DataArray to draw: ``obj`` itself, ``obj[variable]``, or the first data variable."""
+    if isinstance(obj, xr.DataArray):
+        return obj
+    if not isinstance(obj, xr.Dataset):
+        raise TypeError(f"{name} must be an xarray Dataset or DataArray, "
+                        f"got {type(obj).__name__}")
+    if variable is None:
+        if not obj.data_vars:
+            raise ValueError(f"{name} has no data variables")
+        variable = next(iter(obj.data_vars))
+    if variable not in obj.data_vars:
+        raise ValueError(f"{variable=} not in {name} (has {list(obj.data_vars)}); "
+                         f"pass variable= naming one of them")
+    return obj[variable]
+
+
+def _one_field(da: xr.DataArray, sel: Mapping[str, Any] | None) -> xr.DataArray:
+    """``da`` at one field: ``sel`` (labels) for the given sample dims, index 0 for the rest."""
+    lat, lon = analysis.lat_lon_dims(da)
+    sel = dict(sel or {})
+    bad = [k for k in sel if k not in da.dims]
+    if bad:
+        raise ValueError(f"sel keys {bad} are not dims of {da.name!r} (dims={list(da.dims)}); "
+                         f"select with the sample dims {analysis.sample_dims(da)}")
+    try:
+        da = da.sel(sel)
+    except KeyError as err:
+        raise ValueError(f"{sel=} not found in the coordinates of {da.name!r}: {err}") from err
+    return da.isel({d: 0 for d in da.dims if d not in (MEMBER, lat, lon)})
+
+
+def _label(da: xr.DataArray) -> str:
+    """Colorbar label ``long name [units]`` from the attributes."""
+    name = da.attrs.get("long_name") or da.attrs.get("standard_name") or da.name or "value"
+    units = da.attrs.get("units")
+    return f"{name} [{units}]" if units else str(name)
+
+
+def _where(da: xr.DataArray) -> str:
+    """``scenario=A1B, time=2095-...`` from the scalar sample coordinates of a field."""
+    parts = [f"{k}={np.asarray(v.values).item()}" for k, v in da.coords.items()
+             if v.ndim == 0 and k != MEMBER]
+    return ", ".join(str(p)[:40] for p in parts)
+
+
+def _is_signed(da: xr.DataArray, lo: float, hi: float) -> bool:
+    """Anomaly-like: named so, or values on both sides of 0 with comparable magnitudes."""
+    text = " ".join(str(x).lower() for x in (da.name, da.attrs.get("long_name"),
+                                             da.attrs.get("standard_name")) if x)
+    if any(w in text for w in _SIGNED_WORDS):
+        return True
+    return lo < 0 < hi and min(-lo, hi) > 0.1 * max(-lo, hi)
+
+
+def _style(style: str, da: xr.DataArray, lo: float, hi: float) -> dict[str, Any]:
+    """Colormap and limits: sequential, diverging centred at 0, spread, probability 0..1."""
+    if style == "auto":
+        style = "diverging" if _is_signed(da, lo, hi) else "sequential"
+    if style == "diverging":
+        m = max(abs(lo), abs(hi)) or 1.0
+        return {"cmap": "RdBu_r", "vmin": -m, "vmax": m}
+    if style == "probability":
+        return {"cmap": "Blues", "vmin": 0.0, "vmax": 1.0}
+    return {"cmap": "YlOrRd" if style == "spread" else "viridis", "vmin": lo, "vmax": hi}
+
+
+def _is_periodic(lon: np.ndarray) -> bool:
+    """True when equally spaced longitudes cover the full circle."""
+    if lon.size < 3:
+        return False
+    step = float(np.median(np.diff(lon)))
+    return abs(lon.size * step - 360.0) < 0.5 * step
+
+
+def _map_axes(fig: Any, rows: int, cols: int, i: int, lat: np.ndarray, lon: np.ndarray,
+              periodic: bool) -> Any:
+    """A GeoAxes on the data: Robinson for a global grid, else PlateCarree on its extent.
+
+    A longitude-periodic map is centred at ``lon[0] + 180``, so the grid's closing column
+    (see :func:`_mesh_xy`) ends exactly on the map edge and no cell straddles it.
+    """
+    import cartopy.crs as ccrs
+
+    if periodic and float(np.ptp(lat)) > 120.0:
+        ax = fig.add_subplot(rows, cols, i + 1,
+                             projection=ccrs.Robinson(central_longitude=float(lon[0]) + 180.0))
+        ax.set_global()
+        return ax
+    dlon = float(np.median(np.abs(np.diff(lon)))) if lon.size > 1 else 1.0
+    dlat = float(np.median(np.abs(np.diff(lat)))) if lat.size > 1 else 1.0
+    if periodic:
+        proj = ccrs.PlateCarree(central_longitude=float(lon[0]) + 180.0)
+        x0, x1 = -180.0, 180.0
+    else:
+        centre = 0.5 * float(lon.min() + lon.max())
+        proj = ccrs.PlateCarree(central_longitude=centre)
+        x0, x1 = float(lon.min()) - 0.5 * dlon - centre, float(lon.max()) + 0.5 * dlon - centre
+    ax = fig.add_subplot(rows, cols, i + 1, projection=proj)
+    y0 = max(-90.0, float(lat.min()) - 0.5 * dlat)
+    y1 = min(90.0, float(lat.max()) + 0.5 * dlat)
+    ax.set_extent([x0, x1, y0, y1], crs=proj)
+    return ax
+
+
+def _mesh_xy(field: xr.DataArray, periodic: bool
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """``(lon, lat, data (lat, lon), shading)`` for ``pcolormesh``.
+
+    A global grid gets the cyclic column ``x[n] = x[0] + 360`` (``add_cyclic_point``) and
+    Gouraud shading between the points, so the field closes around the globe without a
+    seam; a regional grid is drawn cell by cell (``nearest``).
+    """
+    from cartopy.util import add_cyclic_point
+
+    lat, lon = analysis.lat_lon_dims(field)
+    data = np.asarray(field.transpose(lat, lon).values, dtype=np.float64)  # (lat, lon)
+    x = np.asarray(field[lon].values, dtype=np.float64)
+    y = np.asarray(field[lat].values, dtype=np.float64)
+    if not periodic:
+        return x, y, data, "nearest"
+    data, x = add_cyclic_point(data, coord=x)  # (lat, lon + 1), x[-1] = x[0] + 360
+    x[-1] -= 1e-6  # PROJ maps +180 deg from the centre to -180: stay just inside the edge
+    return x, y, np.ma.masked_invalid(data), "gouraud"
+
+
+# ---------------------------------------------------------------------------------------
+# maps
+
+
+def map_fields(fields: Sequence[xr.DataArray], out: str | Path, **kwargs: Any) -> Path:
+    """Save :func:`map_figure` of ``fields`` as a PNG at ``out`` (atomically)."""
+    out = _check_out(out)
+    return _save(map_figure(fields, **kwargs), out)
+
+
+def map_figure(fields: Sequence[xr.DataArray], *, titles: Sequence[str] | None = None,
+               style: str = "auto", label: str | None = None, suptitle: str | None = None,
+               contour: xr.DataArray | None = None, contour_level: float | None = None,
+               ncols: int = 3) -> Any:
+    """Maps of 2-D fields ``(lat, lon)`` side by side with one shared colour scale.
+
+    Parameters
+    ----------
+    fields : 2-D DataArrays on the same grid (source lat/lon names, any lon convention).
+    style : ``"auto"`` (diverging centred at 0 for anomaly-like fields, else sequential),
+        ``"sequential"``, ``"diverging"``, ``"spread"`` or ``"probability"`` (0..1).
+    label : colorbar label; default ``long_name [units]`` of the first field.
+    contour, contour_level : optional field drawn as a black contour at ``contour_level``
+        on every panel (e.g. where the observation exceeds a threshold).
+
+    Returns the ``matplotlib.figure.Figure`` (one GeoAxes per field, plus the colorbar).
+    """
+    if style not in STYLES:
+        raise ValueError(f"{style=} must be one of {STYLES}")
+    if not fields or any(f.ndim != 2 for f in fields):
+        raise ValueError(f"fields must be 2-D (lat, lon) DataArrays, got dims "
+                         f"{[f.dims for f in fields]}; select one field first")
+    titles = list(titles) if titles is not None else [str(f.name or "") for f in fields]
+    if len(titles) != len(fields):
+        raise ValueError(f"{len(titles)=} must equal {len(fields)=}")
+
+    import cartopy.crs as ccrs
+    from matplotlib.figure import Figure
+
+    offline_coastlines()
+    lat_name, lon_name = analysis.lat_lon_dims(fields[0])
+    lat = np.asarray(fields[0][lat_name].values, dtype=np.float64)
+    lon = np.asarray(fields[0][lon_name].values, dtype=np.float64)
+    periodic = _is_periodic(lon)
+    lo = float(min(np.nanmin(f.values) for f in fields))
+    hi = float(max(np.nanmax(f.values) for f in fields))
+    kw = _style(style, fields[0], lo, hi)
+
+    cols = min(ncols, len(fields))
+    rows = -(-len(fields) // cols)
+    aspect = (float(np.ptp(lat)) + 1.0) / (float(np.ptp(lon)) + 1.0)
+    fig = Figure(figsize=(4.2 * cols, max(1.5, 4.2 * aspect) * rows + 1.0))
+    axes, mesh = [], None
+    for i, (field, title) in enumerate(zip(fields, titles)):
+        ax = _map_axes(fig, rows, cols, i, lat, lon, periodic)
+        x, y, data, shading = _mesh_xy(field, periodic)
+        mesh = ax.pcolormesh(x, y, data, transform=ccrs.PlateCarree(), shading=shading, **kw)
+        if contour is not None and contour_level is not None:
+            cx, cy, cdata, _ = _mesh_xy(contour, periodic)
+            if np.nanmin(cdata) < contour_level < np.nanmax(cdata):
+                ax.contour(cx, cy, cdata, levels=[contour_level], colors="k",
+                           linewidths=0.9, transform=ccrs.PlateCarree())
+        ax.coastlines(resolution="110m", linewidth=0.6)
+        ax.set_title(title, fontsize=9)
+        axes.append(ax)
+    fig.colorbar(mesh, ax=axes, orientation="horizontal", shrink=0.7, pad=0.06,
+                 label=label or _label(fields[0]))
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=10)
+    return fig
+
+
+def plot_ensemble(ens: xr.Dataset | xr.DataArray, kind: str, out: str | Path, *,
+                  variable: Hashable | None = None, member: Any = None,
+                  threshold: float | None = None, obs: xr.Dataset | xr.DataArray | None = None,
+                  sel: Mapping[str, Any] | None = None) -> Path:
+    """Save :func:`ensemble_figure` as a PNG at ``out`` (atomically); returns the path."""
+    out = _check_out(out)
+    return _save(ensemble_figure(ens, kind, variable=variable, member=member,
+                                 threshold=threshold, obs=obs, sel=sel), out)
+
+
+def ensemble_figure(ens: xr.Dataset | xr.DataArray, kind: str, *,
+                    variable: Hashable | None = None, member: Any = None,
+                    threshold: float | None = None,
+                    obs: xr.Dataset | xr.DataArray | None = None,
+                    sel: Mapping[str, Any] | None = None) -> Any:
+    """Maps of one field of an ensemble; ``kind`` in ``("members", "mean", "spread",
+    "exceedance")``.
+
+    Parameters
+    ----------
+    ens : ensemble ``(member, *sample_dims, lat, lon)``; ``variable`` picks from a Dataset.
+    member : member label(s) for ``"members"`` (default the first four).
+    threshold : required for ``"exceedance"``: maps ``P(X > threshold)`` (0..1).
+    obs : optional observations on the same grid: shown next to members/mean, as
+        ``|mean - obs|`` next to the spread, and as a contour at ``threshold``.
+    sel : labels of one field among the sample dims (default: the first of each).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"{kind=} must be one of {KINDS}")
+    if kind == "exceedance" and threshold is None:
+        raise ValueError("kind='exceedance' needs threshold=, e.g. threshold=290.0 (data units)")
+    da = _variable(ens, variable, "ens")
+    m = analysis.require_member(da, "ens")
+    if kind == "spread" and m < 2:
+        raise ValueError("kind='spread' needs at least 2 members")
+    field = _one_field(da, sel)
+    truth = None if obs is None else _one_field(_variable(obs, da.name, "obs"), sel)
+    suptitle = f"{da.name or ''} {_where(field)}"
+
+    if kind == "members":
+        picks = list(field[MEMBER].values[:4]) if member is None else list(np.atleast_1d(member))
+        missing = [p for p in picks if p not in field[MEMBER].values]
+        if missing:
+            raise ValueError(f"member labels {missing} not in ens (has "
+                             f"{field[MEMBER].values[:8].tolist()}...)")
+        panels = [field.sel({MEMBER: p}) for p in picks]
+        titles = [f"member {p}" for p in picks]
+        if truth is not None:
+            panels, titles = [truth, *panels], ["observed", *titles]
+        return map_figure(panels, titles=titles, suptitle=suptitle)
+    if kind == "mean":
+        panels, titles = [analysis.ensemble_mean(field)], [f"ensemble mean ({m} members)"]
+        if truth is not None:
+            panels, titles = [*panels, truth], [*titles, "observed"]
+        return map_figure(panels, titles=titles, label=_label(da), suptitle=suptitle)
+    if kind == "spread":
+        panels, titles = [analysis.ensemble_spread(field)], [f"ensemble spread ({m} members)"]
+        if truth is not None:
+            panels.append(abs(analysis.ensemble_mean(field) - truth))
+            titles.append("|ensemble mean - observed|")
+        return map_figure(panels, titles=titles, style="spread",
+                          label=f"std. dev. of {_label(da)}", suptitle=suptitle)
+    prob = analysis.exceedance_probability(field, threshold)
+    units = da.attrs.get("units", "")
+    label = f"P({da.name} > {threshold:g} {units})".replace(" )", ")")
+    return map_figure([prob], titles=[f"exceedance probability ({m} members)"],
+                      style="probability", label=label, suptitle=suptitle,
+                      contour=truth, contour_level=threshold)
+
+
+# ---------------------------------------------------------------------------------------
+# diagnostics
+
+
+def rank_histogram_figure(ens: xr.Dataset | xr.DataArray, obs: xr.Dataset | xr.DataArray,
+                          out: str | Path, *, variable: Hashable | None = None,
+                          rng: np.random.Generator | None = None) -> Path:
+    """Bar chart of rank-histogram counts / expected, with the ``sqrt((bins-1)/N)`` band.
+
+    ``rng`` breaks ties (default ``np.random.default_rng(0)``).
+    """
+    out = _check_out(out)
+    da = _variable(ens, variable, "ens")
+    y = _variable(obs, da.name, "obs")
+    counts = analysis.rank_histogram(da, y, rng if rng is not None else np.random.default_rng(0))
+    max_dev, tol = analysis.rank_histogram_flatness(counts)
+    c = counts.values.astype(np.float64)
+    rel = c / (c.sum() / c.size)
+
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 3.6))
+    ax = fig.add_subplot()
+    ranks = np.arange(c.size)
+    ax.bar(ranks, rel, width=0.9, color="tab:blue")
+    ax.axhspan(1.0 - tol, 1.0 + tol, color="0.8", zorder=0,
+               label=r"$\pm\sqrt{(bins-1)/N}$")
+    ax.axhline(1.0, color="k", linewidth=0.8)
+    ax.set_xlabel(f"rank of the observation among {c.size - 1} members")
+    ax.set_ylabel("count / expected")
+    ax.set_title(f"rank histogram of {da.name}: max |rel. dev.| {max_dev:.3f} "
+                 f"(tolerance {tol:.3f}, N = {int(c.sum())})", fontsize=9)
+    ax.legend(loc="upper right", fontsize=8)
+    return _save(fig, out)
+
+
+def spread_skill_figure(ens: xr.Dataset | xr.DataArray, obs: xr.Dataset | xr.DataArray,
+                        out: str | Path, *, variable: Hashable | None = None,
+                        bins: int = 10) -> Path:
+    """Binned spread (``sqrt((M+1)/M)``-corrected) vs RMSE of the ensemble mean, 1:1 line."""
+    out = _check_out(out)
+    da = _variable(ens, variable, "ens")
+    y = _variable(obs, da.name, "obs")
+    binned = analysis.spread_skill_bins(da, y, bins=bins)
+    ratio = float(analysis.spread_skill_ratio(da, y))
+
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.6, 4.2))
+    ax = fig.add_subplot()
+    top = float(np.nanmax([binned["spread"].max(), binned["rmse"].max()])) * 1.1
+    ax.plot([0, top], [0, top], color="0.5", linestyle="--", label="calibrated")
+    ax.plot(binned["spread"], binned["rmse"], "o-", color="tab:red", label="bins")
+    units = da.attrs.get("units", "")
+    ax.set_xlabel(f"ensemble spread [{units}]")
+    ax.set_ylabel(f"RMSE of the ensemble mean [{units}]")
+    ax.set_xlim(0, top)
+    ax.set_ylim(0, top)
+    ax.set_title(f"spread-skill of {da.name}: ratio {ratio:.3f}", fontsize=9)
+    ax.legend(fontsize=8)
+    return _save(fig, out)
+
+
+def spectra_figure(ens: xr.Dataset | xr.DataArray, obs: xr.Dataset | xr.DataArray,
+                   out: str | Path, *, variable: Hashable | None = None) -> Path:
+    """Zonal power spectra, log-log: each member, the members' mean and the observations,
+    with their ratio below."""
+    out = _check_out(out)
+    da = _variable(ens, variable, "ens")
+    y = _variable(obs, da.name, "obs")
+    analysis.check_matching(da, y)
+    p_each = analysis.zonal_power_spectrum(da, keep=[MEMBER]).compute()  # (wavenumber, member)
+    p_ens = p_each.mean(MEMBER)
+    p_obs = analysis.zonal_power_spectrum(y).compute()
+    k = p_ens[WAVENUMBER].values[1:]
+    if k.size == 0:
+        raise ValueError("spectra_figure needs at least 2 longitudes")
+
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.6, 5.6))
+    ax, ax_ratio = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    for mem in p_each[MEMBER].values:
+        ax.loglog(k, p_each.sel({MEMBER: mem}).values[1:], color="0.75", linewidth=0.6)
+    ax.loglog(k, p_ens.values[1:], color="tab:blue", label="members (mean)")
+    ax.loglog(k, p_obs.values[1:], color="k", linestyle="--", label="observed")
+    ax.set_ylabel(f"zonal power [({da.attrs.get('units', '')})$^2$]")
+    ax.set_title(f"zonal power spectra of {da.name}", fontsize=9)
+    ax.legend(fontsize=8)
+    ax_ratio.semilogx(k, p_ens.values[1:] / p_obs.values[1:], color="tab:blue")
+    ax_ratio.axhline(1.0, color="k", linewidth=0.8)
+    ax_ratio.set_xlabel("zonal wavenumber (cycles per longitude extent)")
+    ax_ratio.set_ylabel("members / observed")
+    return _save(fig, out)
