@@ -141,7 +141,7 @@ def area_weights(lat) -> np.ndarray:
     lat = np.asarray(lat, dtype=np.float64)
     if lat.ndim != 1 or lat.size == 0 or np.any(np.abs(lat) > 90):
         raise ValueError(f"area_weights: {lat=} must be a non-empty 1-D array in [-90, 90]")
-    w = np.clip(np.cos(np.deg2rad(lat)), 0.0, None)
+    w = np.where(np.abs(lat) == 90.0, 0.0, np.cos(np.deg2rad(lat)))  # exact 0 at the poles
     if w.sum() == 0:
         return np.ones_like(w)
     return w / w.mean()
