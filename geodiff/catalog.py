@@ -399,7 +399,9 @@ def open_dataset(name_or_path: str, *, catalog: str | Path | None = None,
         raise TypeError(f"{variables=} must be a non-empty list of names")
     chunks = chunks if chunks is not None else entry.chunks
     locations = [_locate(s, entry) for s in entry.sources]
-    parts = [_open_one(loc, _engine(loc, entry.engine)) for loc in locations]
+    parts = []
+    for loc in locations:
+        parts.append(_open_one(loc, _engine(loc, entry.engine)))
 
     wanted = list(variables) if variables is not None else \
         list(entry.variables) if entry.variables is not None else None

@@ -7,6 +7,7 @@ puts it in a real NetCDF file (or Zarr store) under ``tmp_path``.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +59,9 @@ def make_grid(*, lat=None, lon=None, n_time: int = 4, lat_name: str = "lat",
 def write(ds: xr.Dataset, path: Path, encoding: dict | None = None) -> Path:
     """Write ``ds`` to ``path`` (NetCDF4, or a Zarr store when the suffix is ``.zarr``)."""
     if path.suffix == ".zarr":
-        ds.to_zarr(path, mode="w")
+        with warnings.catch_warnings():  # zarr 3: consolidated metadata is not in the spec
+            warnings.filterwarnings("ignore", "Consolidated metadata", UserWarning)
+            ds.to_zarr(path, mode="w")
     else:
         ds.to_netcdf(path, encoding=encoding)
     return path

