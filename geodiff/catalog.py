@@ -342,7 +342,9 @@ def _open_one(location: str | Path, engine: str) -> xr.Dataset:
         return xr.open_dataset(location, **kw)
 
     try:
-        return attempt(True)
+        with warnings.catch_warnings():  # e.g. "1-1-1": xarray pads it correctly, says so
+            warnings.filterwarnings("ignore", "Ambiguous reference date string")
+            return attempt(True)
     except (ValueError, TypeError, OverflowError) as err:
         ds = attempt(False)
         warnings.warn(f"could not decode the times of {str(location)!r} ({err}); they are kept "
@@ -481,7 +483,7 @@ def apply_subset(ds: xr.Dataset, subset: Subset, name: str = "dataset") -> xr.Da
         _nonempty(out, grid.LAT, f"lat={list(subset.lat)}", ds, name)
     if subset.lon is not None:
         out = _select_lon(out, *subset.lon, name=name)
-    if subset.levels is not None:
+    if subset.levels is not None and not _is_scalar_level(out, subset.levels):
         if grid.LEVEL not in out.dims:
             raise CatalogError(f"subset levels={list(subset.levels)} but {name!r} has no "
                                "level dimension (absent, or a squeezed singleton)")
@@ -492,6 +494,12 @@ def apply_subset(ds: xr.Dataset, subset: Subset, name: str = "dataset") -> xr.Da
                                f"{have.tolist()}")
         out = out.sel({grid.LEVEL: list(subset.levels)}, method="nearest")
     return grid.standardize(out) if out is not ds else out
+
+
+def _is_scalar_level(ds: xr.Dataset, levels: tuple[float, ...]) -> bool:
+    """The levels asked for are exactly a squeezed singleton level (nothing to select)."""
+    return grid.LEVEL in ds.coords and ds[grid.LEVEL].ndim == 0 and \
+        all(np.isclose(float(ds[grid.LEVEL]), v) for v in levels)
 
 
 def _numeric(index: Any) -> bool:

@@ -11,6 +11,8 @@ Gaussian) onto the canonical form used inside geodiff, lazily (dask arrays stay 
   coordinate values themselves are those of the source; a duplicated wrap-around column
   (last longitude = first + 360) is dropped;
 * a singleton level dimension is squeezed into a scalar ``level`` coordinate;
+* a time dimension with another name (``valid_time``, ``t`` with ``axis='T'``) becomes
+  ``time``;
 * data variables are transposed to ``(..., level, lat, lon)``;
 * undeclared fill values become NaN (declared ``_FillValue``/``missing_value`` and packed
   ``scale_factor``/``add_offset`` are decoded by xarray's ``mask_and_scale`` on opening).
@@ -107,6 +109,8 @@ class GridInfo:
     """Value of a squeezed singleton level (to re-expand it without the Dataset)."""
     level_attrs: dict = field(default_factory=dict)
     """Source attributes of the level coordinate."""
+    time_name: str | None = None
+    """Source name of a time dimension renamed to ``time`` (e.g. ``valid_time``), else None."""
 
     def to_dict(self) -> dict:
         """JSON-serialisable dict (``from_dict(to_dict(info)) == info``)."""
@@ -159,6 +163,12 @@ def standardize(ds: xr.Dataset) -> xr.Dataset:
                         "use da.to_dataset() for a DataArray")
     if ATTR in ds.attrs and LAT in ds.dims and LON in ds.dims:
         return _with_info(ds.copy(deep=False), grid_info(ds))
+    ds, info = _canonicalise(ds)
+    return _with_info(_mask_undeclared_fills(ds), info)
+
+
+def _canonicalise(ds: xr.Dataset) -> tuple[xr.Dataset, GridInfo]:
+    """Everything :func:`standardize` does except the fill-value rule; reads no data."""
     ds = ds.copy(deep=False)
     lat_name, lon_name = _find_lat_lon(ds)
     for name in (lat_name, lon_name):
@@ -187,8 +197,10 @@ def standardize(ds: xr.Dataset) -> xr.Dataset:
             ds = ds.squeeze(level_name)
     lat_attrs = _jsonable(dict(ds[lat_name].attrs))
     lon_attrs = _jsonable(dict(ds[lon_name].attrs))
-    _check_free(ds, {lat_name: LAT, lon_name: LON, level_name: LEVEL})
-    ds = ds.rename({k: v for k, v in {lat_name: LAT, lon_name: LON, level_name: LEVEL}.items()
+    time_name = _find_time(ds)
+    names = {lat_name: LAT, lon_name: LON, level_name: LEVEL, time_name: TIME}
+    _check_free(ds, names)
+    ds = ds.rename({k: v for k, v in names.items()
                     if k is not None and k != v and k in {*ds.variables, *ds.dims}})
     ds[LAT].attrs = {"standard_name": "latitude", "long_name": "latitude",
                      "units": "degrees_north", "axis": "Y"}
@@ -198,7 +210,6 @@ def standardize(ds: xr.Dataset) -> xr.Dataset:
     spatial = [d for d in (LEVEL, LAT, LON) if d in ds.dims]
     for name in _field_names(ds):
         ds[name] = ds[name].transpose(..., *[d for d in spatial if d in ds[name].dims])
-    ds = _mask_undeclared_fills(ds)
     ds = _add_calendar_coords(ds)
     lat, lon = ds[LAT].values, ds[LON].values
     info = GridInfo(
@@ -208,9 +219,9 @@ def standardize(ds: xr.Dataset) -> xr.Dataset:
         level_squeezed=level_squeezed, periodic=_periodic(lon), global_lat=_global_lat(lat),
         lat=tuple(map(float, lat)), lon=tuple(map(float, lon)),
         lat_attrs=lat_attrs, lon_attrs=lon_attrs, level_value=level_value,
-        level_attrs=level_attrs,
+        level_attrs=level_attrs, time_name=None if time_name == TIME else time_name,
     )
-    return _with_info(ds, info)
+    return ds, info
 
 
 def grid_info(ds: xr.Dataset) -> GridInfo:
@@ -221,7 +232,7 @@ def grid_info(ds: xr.Dataset) -> GridInfo:
     (so a subset describes itself); otherwise it is detected from the metadata alone.
     """
     if ATTR not in ds.attrs:
-        return grid_info(standardize(ds))
+        return _canonicalise(ds)[1]
     info = GridInfo.from_dict(json.loads(ds.attrs[ATTR]))
     if LAT in ds.coords and LON in ds.coords:
         lat, lon = ds[LAT].values, ds[LON].values
@@ -258,7 +269,8 @@ def restore(ds: xr.Dataset, info: GridInfo) -> xr.Dataset:
     added = [n for n in (YEAR, DAYOFYEAR) if n in out.coords
              and out[n].attrs.get("comment") == _ADDED]
     out = out.drop_vars(added)
-    names = {LAT: info.lat_name, LON: info.lon_name, LEVEL: info.level_name}
+    names = {LAT: info.lat_name, LON: info.lon_name, LEVEL: info.level_name,
+             TIME: info.time_name}
     out = out.rename({k: v for k, v in names.items()
                       if v is not None and k != v and k in {*out.variables, *out.dims}})
     for canon, attrs in ((LAT, info.lat_attrs), (LON, info.lon_attrs),
@@ -342,6 +354,25 @@ def _find_level(ds: xr.Dataset, lat: str, lon: str) -> str | None:
         if str(dim).lower() in _LEVEL_NAMES:
             return str(dim)
     return None
+
+
+def _find_time(ds: xr.Dataset) -> str | None:
+    """Name of the time dimension: ``time``, else a dim coordinate that holds dates or has
+    CF ``axis='T'`` / ``standard_name='time'`` (e.g. ERA5's ``valid_time``)."""
+    if TIME in ds.dims:
+        return TIME
+    for dim in ds.dims:
+        if dim in ds.coords:
+            var = ds[dim]
+            if var.dtype.kind == "M" or _is_cftime(var) or var.attrs.get("axis") == "T" \
+                    or var.attrs.get("standard_name") == "time":
+                return str(dim)
+    return None
+
+
+def _is_cftime(var: xr.DataArray) -> bool:
+    return var.dtype.kind == "O" and var.size > 0 and isinstance(var.values.flat[0],
+                                                                 cftime.datetime)
 
 
 def _check_lat(lat: np.ndarray, name: str) -> bool:
@@ -472,8 +503,7 @@ def _add_calendar_coords(ds: xr.Dataset) -> xr.Dataset:
             or DAYOFYEAR in ds.variables:
         return ds
     time = ds[TIME]
-    if not (time.dtype.kind == "M" or (time.dtype.kind == "O" and time.size
-                                        and isinstance(time.values[0], cftime.datetime))):
+    if not (time.dtype.kind == "M" or _is_cftime(time)):
         return ds
     attrs = {"comment": _ADDED}
     return ds.assign_coords({

@@ -29,7 +29,7 @@ def make_grid(*, lat=None, lon=None, n_time: int = 4, lat_name: str = "lat",
               lon_attrs: dict | None = None, var: str = "tas",
               level: float | list[float] | None = None, level_name: str = "plev",
               calendar: str | None = "standard", time_units: str = "days since 2000-01-01",
-              time_step: float = 1.0) -> xr.Dataset:
+              time_step: float = 1.0, time_name: str = "time") -> xr.Dataset:
     """A (time, [level,] lat, lon) Dataset with coordinates exactly as given.
 
     ``lat``/``lon`` default to a 5 x 8 regional grid; ``level`` adds a level dimension
@@ -38,18 +38,18 @@ def make_grid(*, lat=None, lon=None, n_time: int = 4, lat_name: str = "lat",
     lat = np.asarray(lat if lat is not None else [10.0, 12.5, 15.0, 17.5, 20.0])
     lon = np.asarray(lon if lon is not None else np.arange(8) * 2.5 + 100.0)
     values = field_values(n_time, lat, lon)  # (time, lat, lon)
-    dims = ("time", lat_name, lon_name)
+    dims = (time_name, lat_name, lon_name)
     coords = {lat_name: (lat_name, lat, dict(LAT_ATTRS if lat_attrs is None else lat_attrs)),
               lon_name: (lon_name, lon, dict(LON_ATTRS if lon_attrs is None else lon_attrs))}
     time_attrs = {"units": time_units, "standard_name": "time", "axis": "T"}
     if calendar is not None:
         time_attrs["calendar"] = calendar
-    coords["time"] = ("time", np.arange(n_time) * time_step, time_attrs)
+    coords[time_name] = (time_name, np.arange(n_time) * time_step, time_attrs)
     if level is not None:
         levels = np.atleast_1d(np.asarray(level, dtype=np.float64))
         values = np.repeat(values[:, None], levels.size, axis=1)  # (time, level, lat, lon)
         values = values + 0.5 * np.arange(levels.size)[None, :, None, None]
-        dims = ("time", level_name, lat_name, lon_name)
+        dims = (time_name, level_name, lat_name, lon_name)
         coords[level_name] = (level_name, levels,
                               {"units": "hPa", "positive": "down", "axis": "Z"})
     attrs = {"units": "K", "long_name": "air temperature", "standard_name": "air_temperature"}

@@ -179,9 +179,14 @@ def test_subset_errors(global_file: Path, subset: dict, message: str) -> None:
         catalog.open_dataset(str(global_file), **subset)
 
 
-def test_levels_subset_without_level_dim(user_file: Path) -> None:
+def test_levels_subset_without_level_dim(tmp_path: Path, user_file: Path) -> None:
     with pytest.raises(CatalogError, match="no level dimension"):
         catalog.open_dataset(str(user_file), levels=[500])
+    single = write(make_grid(level=500.0), tmp_path / "single.nc")
+    ds = catalog.open_dataset(str(single), levels=[500])  # the squeezed singleton itself
+    assert float(ds.level) == 500.0 and "level" not in ds.dims
+    with pytest.raises(CatalogError, match="no level dimension"):
+        catalog.open_dataset(str(single), levels=[850])
 
 
 # ---------------------------------------------------------------------------------------

@@ -49,6 +49,7 @@ QUIRKS = {
     "singleton_level": (dict(level=500.0),
                         dict(level_name="plev", level_squeezed=True, level_value=500.0)),
     "two_levels": (dict(level=[850.0, 500.0]), dict(level_name="plev", level_squeezed=False)),
+    "time_named_valid_time": (dict(time_name="valid_time"), dict(time_name="valid_time")),
 }
 
 
@@ -56,7 +57,8 @@ QUIRKS = {
 def test_quirk_standardize_and_restore(tmp_path: Path, quirk: str) -> None:
     kwargs, expected = QUIRKS[quirk]
     src = open_raw(write(make_grid(**kwargs), tmp_path / f"{quirk}.nc"))
-    info_src = {"lat_name": "lat", "lon_name": "lon", "lat_descending": False,
+    src_time = kwargs.get("time_name", "time")
+    info_src = {"lat_name": "lat", "lon_name": "lon", "lat_descending": False, "time_name": None,
                 "wrap_column_dropped": False, "level_squeezed": False, **expected}
     std = grid.standardize(src)
     info = grid.grid_info(std)
@@ -67,12 +69,14 @@ def test_quirk_standardize_and_restore(tmp_path: Path, quirk: str) -> None:
     assert np.all(np.diff(lat) > 0) and np.all(np.diff(lon) > 0)
     assert lon[0] >= info.lon_min and lon[-1] < info.lon_min + 360
     assert info.lat == tuple(lat) and info.lon == tuple(lon)
-    assert std["tas"].dims[-2:] == (grid.LAT, grid.LON)
+    assert std["tas"].dims == ("time", grid.LAT, grid.LON) or info.level_name and \
+        std["tas"].dims == ("time", grid.LEVEL, grid.LAT, grid.LON)
+    assert std.year.values.tolist() == [2000] * 4
     assert isinstance(std["tas"].data, dsa.Array)
     assert std["tas"].attrs == {"units": "K", "long_name": "air temperature",
                                 "standard_name": "air_temperature"}
     # every canonical value is the source value at the same (lat, lon)
-    at = src["tas"].sel({info.lat_name: lat, info.lon_name: lon})
+    at = src["tas"].sel({info.lat_name: lat, info.lon_name: lon}).rename({src_time: "time"})
     if info.level_squeezed:
         at = at.squeeze(info.level_name, drop=True)
         assert float(std[grid.LEVEL]) == 500.0 and grid.LEVEL not in std.dims
@@ -344,6 +348,9 @@ def test_standardize_stays_lazy() -> None:
     assert isinstance(std["tas"].data, dsa.Array)
     assert sorted(read) == [0, 24, 49]
     assert float(std["tas"][10, 0, 0]) == 290.0
+    read.clear()
+    info = grid.grid_info(ds)  # metadata only: no data read at all
+    assert read == [] and info.lat_descending and info.lat == tuple(np.linspace(10, 20, 5))
 
 
 # ---------------------------------------------------------------------------------------
