@@ -383,8 +383,9 @@ def open_dataset(name_or_path: str, *, catalog: str | Path | None = None,
     Returns
     -------
     xr.Dataset
-        dask-backed, :func:`geodiff.grid.standardize`\\ d (dims ``lat``/``lon`` [+ level,
-        sample dims]), ``attrs["geodiff_source"]`` naming the entry or path.
+        dask-backed and already passed through :func:`geodiff.grid.standardize` (dims
+        ``lat``/``lon``, maybe ``level``, plus sample dims such as ``time``/``scenario``);
+        ``attrs["geodiff_source"]`` names the entry or path.
     """
     if not isinstance(name_or_path, (str, Path)):
         raise TypeError(f"{name_or_path=} must be a catalog entry name or a path")

@@ -149,7 +149,12 @@ def test_grid_info_from_dict_rejects_unknown_keys() -> None:
 
 
 def test_grid_info_describes_a_subset_and_standardize_is_idempotent() -> None:
-    std = grid.standardize(make_grid(lon=np.arange(0.0, 360.0, 45.0)))
+    src = make_grid(lon=np.arange(0.0, 360.0, 45.0), lat_name="LAT", lat_attrs={"a": "b"})
+    std = grid.standardize(src)
+    restored = grid.restore(std, grid.grid_info(std))
+    xr.testing.assert_identical(src, make_grid(lon=np.arange(0.0, 360.0, 45.0),
+                                               lat_name="LAT", lat_attrs={"a": "b"}))
+    assert std.lat.attrs["units"] == "degrees_north" and restored.LAT.attrs == {"a": "b"}
     sub = std.isel(lon=slice(0, 3), lat=slice(1, 3))
     info = grid.grid_info(sub)
     assert info.lon == (0.0, 45.0, 90.0) and info.lat == (12.5, 15.0) and not info.periodic
