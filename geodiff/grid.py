@@ -309,6 +309,9 @@ def _find_lat_lon(ds: xr.Dataset) -> tuple[str, str]:
         cands.sort(key=lambda n: (n not in ds.dims, ds[n].ndim != 1))
         found[key] = cands[0]
     lat, lon = found["latitude"], found["longitude"]
+    if ds[lat].ndim == 0 or ds[lon].ndim == 0:
+        raise ValueError(f"latitude {lat!r} / longitude {lon!r} is a scalar: a single point "
+                         f"or a station series is not a grid. {_SUPPORTED}")
     if ds[lat].ndim != 1 or ds[lon].ndim != 1:
         raise ValueError(f"curvilinear grid: latitude {lat!r} has dims {ds[lat].dims} and "
                          f"longitude {lon!r} has dims {ds[lon].dims} (2-D). {_SUPPORTED}")

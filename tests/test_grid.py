@@ -331,6 +331,12 @@ def test_unsupported_grids_are_refused(make, kind) -> None:
     assert "1-D latitude and longitude" in str(err.value) and "xESMF" in str(err.value)
 
 
+def test_scalar_latitude_is_refused() -> None:
+    ds = xr.Dataset({"t": ("time", np.zeros(3))}, coords={"lat": 50.0, "lon": 8.0})
+    with pytest.raises(ValueError, match="is a scalar"):
+        grid.standardize(ds)
+
+
 def test_no_latitude_names_what_is_looked_for() -> None:
     ds = xr.Dataset({"t": (("a", "b"), np.zeros((2, 3)))})
     with pytest.raises(ValueError, match="standard_name='latitude'"):
