@@ -313,11 +313,11 @@ def ensemble_figure(ens: xr.Dataset | xr.DataArray, kind: str, *,
     suptitle = f"{da.name or ''} {_where(field)}"
 
     if kind == "members":
-        picks = list(field[MEMBER].values[:4]) if member is None else list(np.atleast_1d(member))
-        missing = [p for p in picks if p not in field[MEMBER].values]
+        labels = field[MEMBER].values
+        picks = (labels[:4] if member is None else np.atleast_1d(member)).tolist()
+        missing = [p for p in picks if p not in labels]
         if missing:
-            raise ValueError(f"member labels {missing} not in ens (has "
-                             f"{field[MEMBER].values[:8].tolist()}...)")
+            raise ValueError(f"member labels {missing} not in ens (has {labels[:8].tolist()}...)")
         panels = [field.sel({MEMBER: p}) for p in picks]
         titles = [f"member {p}" for p in picks]
         if truth is not None:

@@ -1,0 +1,232 @@
+"""Figures of geodiff.plot: real PNGs (Agg), offline Natural Earth coastlines, no download."""
+
+from __future__ import annotations
+
+import urllib.request
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import cartopy
+import cartopy.crs as ccrs
+import cartopy.feature as cfeature
+import cartopy.io
+import cartopy.io.shapereader as shpreader
+import numpy as np
+import pytest
+import xarray as xr
+from cartopy.mpl.feature_artist import FeatureArtist
+from cartopy.mpl.geoaxes import GeoAxes
+from matplotlib.image import imread
+
+from geodiff import plot
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """No user cartopy data dir, an empty download dir, and any download attempt fails."""
+    monkeypatch.delenv("CARTOPY_DATA_DIR", raising=False)
+    monkeypatch.setitem(cartopy.config, "pre_existing_data_dir", Path("."))
+    monkeypatch.setitem(cartopy.config, "data_dir", tmp_path / "cartopy_downloads")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"a download was attempted: {args}")
+
+    monkeypatch.setattr(shpreader.NEShpDownloader, "acquire_resource", refuse)
+    monkeypatch.setattr(cartopy.io.Downloader, "acquire_resource", refuse)
+    monkeypatch.setattr(cartopy.io.Downloader, "_urlopen", refuse)
+    monkeypatch.setattr(cartopy.io, "urlopen", refuse)
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+
+
+def make_ensemble(lat, lon, m=6, times=3, seed=0):
+    """Temperature-like ensemble (member, time, lat, lon) in K and obs (time, lat, lon)."""
+    rng = np.random.default_rng(seed)
+    la, lo = np.meshgrid(lat, lon, indexing="ij")
+    base = 250.0 + 40.0 * np.cos(np.deg2rad(la)) + 3.0 * np.sin(np.deg2rad(lo))  # (lat, lon)
+    coords = {"member": np.arange(m), "time": np.arange(times), "lat": lat, "lon": lon}
+    attrs = {"units": "K", "long_name": "air temperature"}
+    ens = xr.DataArray(base + rng.normal(size=(m, times, lat.size, lon.size)),
+                       dims=("member", "time", "lat", "lon"), coords=coords, name="tas",
+                       attrs=attrs)
+    obs = xr.DataArray(base + rng.normal(size=(times, lat.size, lon.size)),
+                       dims=("time", "lat", "lon"),
+                       coords={k: v for k, v in coords.items() if k != "member"}, name="tas",
+                       attrs=attrs)
+    return ens.to_dataset(), obs.to_dataset()
+
+
+@pytest.fixture
+def regional():
+    return make_ensemble(np.linspace(15.0, 60.0, 10), np.linspace(225.0, 315.0, 13))
+
+
+@pytest.fixture
+def global_grid():
+    return make_ensemble(np.linspace(-90.0, 90.0, 19), np.arange(0.0, 360.0, 10.0), m=3)
+
+
+def assert_png(path: Path, min_bytes: int = 10_000) -> None:
+    assert path.is_file()
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    assert path.stat().st_size > min_bytes
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left
+
+
+def geo_axes(fig):
+    return [ax for ax in fig.axes if isinstance(ax, GeoAxes)]
+
+
+def data_mesh(ax):
+    return next(c for c in ax.collections if not isinstance(c, FeatureArtist))
+
+
+# --------------------------------------------------------------------------------------
+# offline coastlines
+
+
+def test_coastlines_come_from_the_shipped_files(offline):
+    assert plot.offline_coastlines() == plot.CARTOPY_DATA
+    path = Path(shpreader.natural_earth(resolution="110m", category="physical",
+                                        name="coastline"))
+    assert path == plot.CARTOPY_DATA / "shapefiles/natural_earth/physical/ne_110m_coastline.shp"
+    coast = cfeature.NaturalEarthFeature("physical", "coastline", "110m")
+    assert len(list(coast.geometries())) > 100  # 134 lines in Natural Earth 110m
+
+
+def test_user_cartopy_data_dir_wins(monkeypatch, tmp_path):
+    monkeypatch.setitem(cartopy.config, "pre_existing_data_dir", tmp_path)
+    assert plot.offline_coastlines() == tmp_path
+    monkeypatch.setitem(cartopy.config, "pre_existing_data_dir", Path("."))
+    monkeypatch.setenv("CARTOPY_DATA_DIR", str(tmp_path))
+    plot.offline_coastlines()
+    assert cartopy.config["pre_existing_data_dir"] == Path(".")
+
+
+# --------------------------------------------------------------------------------------
+# maps
+
+
+@pytest.mark.parametrize("kind, n_maps, cmap", [
+    ("members", 5, "viridis"),      # observed + 4 members
+    ("mean", 2, "viridis"),         # mean + observed
+    ("spread", 2, "YlOrRd"),        # spread + |mean - observed|
+    ("exceedance", 1, "Blues"),
+])
+def test_regional_maps(offline, regional, tmp_path, kind, n_maps, cmap):
+    ens, obs = regional
+    fig = plot.ensemble_figure(ens, kind, threshold=280.0, obs=obs)
+    maps = geo_axes(fig)
+    assert len(maps) == n_maps and len(fig.axes) == n_maps + 1  # + the colorbar
+    west, east, south, north = maps[0].get_extent(ccrs.PlateCarree())
+    # extent of the cells: lon 225 - 3.75 .. 315 + 3.75 (as -138.75..-41.25), lat 12.5..62.5
+    assert (west % 360, east % 360) == pytest.approx((221.25, 318.75), abs=0.01)
+    assert (south, north) == pytest.approx((12.5, 62.5), abs=0.01)
+    mesh = data_mesh(maps[0])
+    assert mesh.get_cmap().name == cmap
+    if kind == "exceedance":
+        assert mesh.get_clim() == (0.0, 1.0)
+        assert fig.axes[-1].get_xlabel() == "P(tas > 280 K)"
+    else:
+        assert fig.axes[-1].get_xlabel().endswith("air temperature [K]")
+    for ax in maps:  # every map has its coastline
+        assert any(isinstance(c, FeatureArtist) for c in ax.collections)
+    out = plot.plot_ensemble(ens, kind, tmp_path / "maps" / f"{kind}.png", threshold=280.0,
+                             obs=obs)
+    assert_png(out)
+
+
+def test_sel_picks_the_field_and_member_labels(offline, regional):
+    ens, obs = regional
+    fig = plot.ensemble_figure(ens, "mean", sel={"time": 2})
+    assert "time=2" in fig._suptitle.get_text()
+    expected = ens.tas.sel(time=2).mean("member").values  # (lat, lon)
+    np.testing.assert_allclose(data_mesh(geo_axes(fig)[0]).get_array().ravel(),
+                               expected.ravel())
+    fig = plot.ensemble_figure(ens, "members", member=[5, 1])
+    assert [ax.get_title() for ax in geo_axes(fig)] == ["member 5", "member 1"]
+    np.testing.assert_allclose(data_mesh(geo_axes(fig)[0]).get_array().ravel(),
+                               ens.tas.isel(time=0).sel(member=5).values.ravel())
+
+
+def test_anomalies_get_a_diverging_map_centred_at_zero(offline, regional):
+    ens, obs = regional
+    anomaly = (ens.tas.mean("member") - obs.tas).isel(time=0).rename("tas_anomaly")
+    fig = plot.map_figure([anomaly])
+    mesh = data_mesh(geo_axes(fig)[0])
+    vmin, vmax = mesh.get_clim()
+    assert mesh.get_cmap().name == "RdBu_r"
+    assert vmin == -vmax and vmax > 0
+
+
+def test_global_map_has_no_seam(offline, global_grid, tmp_path):
+    ens, _ = global_grid
+    fig = plot.ensemble_figure(ens, "mean")
+    (ax,) = geo_axes(fig)
+    assert isinstance(ax.projection, ccrs.Robinson)
+    mesh = data_mesh(ax)
+    assert mesh.get_array().shape == (19, 37)  # 36 longitudes + the cyclic column
+    out = plot.plot_ensemble(ens, "mean", tmp_path / "global.png")
+    assert_png(out)
+    # The widest painted row of the image is the map's equator: from the left edge of the
+    # map to the right one every pixel carries colour (viridis, black outline/coastline).
+    # Without the cyclic column the last 10 degrees before the map edge stay white.
+    rgb = imread(out)[..., :3]  # (H, W, 3) in 0..1
+    painted = (rgb < 0.9).any(axis=-1)  # (H, W)
+    rows = [np.flatnonzero(r) for r in painted]
+    widths = [r[-1] - r[0] if r.size else 0 for r in rows]
+    row = rows[int(np.argmax(widths))]
+    span = painted[int(np.argmax(widths)), row[0]:row[-1] + 1]
+    assert row[-1] - row[0] > 200 and span.all()
+
+
+def test_global_grid_in_minus_180_and_masked_points(offline, tmp_path):
+    ens, obs = make_ensemble(np.linspace(-60.0, 60.0, 13), np.arange(-180.0, 180.0, 10.0), m=3)
+    ens = ens.where(ens.lat < 40)  # a masked band, as over land
+    out = plot.plot_ensemble(ens, "spread", tmp_path / "masked.png", obs=obs)
+    assert_png(out)
+
+
+# --------------------------------------------------------------------------------------
+# diagnostics
+
+
+def test_diagnostic_figures(regional, tmp_path):
+    ens, obs = regional
+    paths = [plot.rank_histogram_figure(ens, obs, tmp_path / "a" / "rank.png",
+                                        rng=np.random.default_rng(0)),
+             plot.spread_skill_figure(ens.tas, obs.tas, tmp_path / "b" / "spread_skill.png",
+                                      bins=5),
+             plot.spectra_figure(ens, obs, tmp_path / "c" / "spectra.png")]
+    for path in paths:
+        assert_png(path, min_bytes=5_000)
+
+
+# --------------------------------------------------------------------------------------
+# bad input
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"kind": "median"}, "kind='median' must be one of"),
+    ({"kind": "exceedance"}, "needs threshold="),
+    ({"kind": "mean", "out_name": "map.pdf"}, "must be a .png path"),
+    ({"kind": "mean", "variable": "pr"}, "variable='pr' not in ens"),
+    ({"kind": "mean", "sel": {"year": 1}}, r"sel keys \['year'\]"),
+    ({"kind": "members", "member": [99]}, r"member labels \[99\] not in ens"),
+])
+def test_bad_input_is_refused_before_any_file(regional, tmp_path, kwargs, message):
+    ens, _ = regional
+    out = tmp_path / kwargs.pop("out_name", "map.png")
+    with pytest.raises(ValueError, match=message):
+        plot.plot_ensemble(ens, out=out, **kwargs)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_member_dim_is_refused(regional, tmp_path):
+    _, obs = regional
+    with pytest.raises(ValueError, match="no 'member' dimension"):
+        plot.plot_ensemble(obs, "mean", tmp_path / "x.png")
