@@ -180,7 +180,8 @@ class Scaler:
             sub = y if label is None else _select_label(y, ds, cfg.trend_by, label)
             basis = self._basis(_time_feature(sub, cfg.trend_coord, "fit"), sub)
             valid = sub.notnull().astype(np.float64)
-            gram = xr.dot(valid, basis, basis.rename({_DEGREE: _DEGREE2}), dim=reduce_dims)
+            products = basis * basis.rename({_DEGREE: _DEGREE2})  # P_i(t) P_j(t)
+            gram = xr.dot(valid, products, dim=reduce_dims)
             rhs = xr.dot(sub.fillna(0.0), basis, dim=reduce_dims)
             subsets.append((gram.transpose(*pixel_dims, _DEGREE, _DEGREE2),
                             rhs.transpose(*pixel_dims, _DEGREE)))
@@ -257,7 +258,11 @@ class Scaler:
             label = _label_coord(ds, cfg.trend_by, action)
             coefs = coefs.isel({_LABEL: _index_of(label, self.labels, cfg.trend_by, action)})
         basis = self._basis(_time_feature(ds, cfg.trend_coord, action), like)
-        return xr.dot(basis, coefs, dim=_DEGREE)
+        # sum_k P_k(t) c_k(pixel), term by term: keeps the chunks of ``like`` (dask's einsum
+        # would re-split them)
+        terms = (basis.isel({_DEGREE: k}) * coefs.isel({_DEGREE: k})
+                 for k in range(basis.sizes[_DEGREE]))
+        return sum(terms, start=xr.zeros_like(basis.isel({_DEGREE: 0})))
 
     def _pixel_array(self, stats: VariableStats, arr: np.ndarray,
                      x: xr.DataArray) -> np.ndarray:
@@ -416,7 +421,7 @@ def _index_of(coord: xr.DataArray, known: tuple, name: str, action: str) -> xr.D
     """Positions of the values of ``coord`` in ``known`` (same dims); error on unseen values."""
     lookup = {k: i for i, k in enumerate(known)}
     values = np.asarray(coord.values)
-    unseen = sorted({_plain(v) for v in values.ravel()} - set(lookup), key=str)
+    unseen = _sorted({_plain(v) for v in values.ravel()} - set(lookup))
     if unseen:
         raise ValueError(f"cannot {action}: {name}={unseen} not seen when fitting the scaler; "
                          f"known {name} values are {list(known)}")
@@ -437,7 +442,8 @@ def _chunk_like(small: xr.DataArray, like: xr.DataArray) -> xr.DataArray:
     """Chunk ``small`` along the dims it shares with a dask-backed ``like``."""
     if like.chunks is None:
         return small
-    chunks = {d: like.chunksizes[d] for d in small.dims if d in like.chunksizes}
+    sizes = like.variable.chunksizes  # the data's chunks (coordinates may differ)
+    chunks = {d: sizes[d] for d in small.dims if d in sizes}
     return small.chunk(chunks) if chunks else small
 
 
@@ -455,12 +461,30 @@ def _histogram_quantiles(a: xr.DataArray, range_dims: tuple[str, ...], lo: np.nd
                        else float(lo.flat[i]) + 1.0)
         hists.append(dsa.histogram(arr.ravel(), bins=_HIST_BINS, range=edges_range))
     (computed,) = dask.compute(hists)
-    out_lo, out_hi = np.empty(lo.size), np.empty(lo.size)
+    out = np.empty((2, lo.size))
     for i, (counts, edges) in enumerate(computed):
-        cum = np.concatenate([[0], np.cumsum(counts)]).astype(np.float64)
-        target = np.asarray(q) * cum[-1]
-        out_lo[i], out_hi[i] = np.interp(target, cum, edges)
-    return out_lo.reshape(lo.shape), out_hi.reshape(hi.shape)
+        cum = np.concatenate([[0], np.cumsum(counts)])  # values below each edge, (bins + 1,)
+        for j, qj in enumerate(q):
+            rank = qj * (cum[-1] - 1)  # numpy's "linear" definition on sorted values
+            k = math.floor(rank)
+            v_k, v_k1 = _order_statistic(cum, edges, k), _order_statistic(cum, edges, k + 1)
+            out[j, i] = v_k + (rank - k) * (v_k1 - v_k)
+    return out[0].reshape(lo.shape), out[1].reshape(hi.shape)
+
+
+def _order_statistic(cum: np.ndarray, edges: np.ndarray, k: int) -> float:
+    """The k-th smallest value (0-based), placed uniformly inside its histogram bin."""
+    k = min(k, int(cum[-1]) - 1)
+    b = int(np.searchsorted(cum, k, side="right")) - 1
+    n_bin = cum[b + 1] - cum[b]
+    return float(edges[b] + (k - cum[b] + 0.5) / n_bin * (edges[b + 1] - edges[b]))
+
+
+def _sorted(values: set) -> list:
+    try:
+        return sorted(values)
+    except TypeError:  # mixed types
+        return sorted(values, key=str)
 
 
 def _unique_in_order(values: np.ndarray) -> list:
