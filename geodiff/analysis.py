@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import dask
+import dask.array
 import numpy as np
 import xarray as xr
 
@@ -128,11 +129,14 @@ def _index_equal(a: Any, b: Any) -> bool:
     return bool(np.array_equal(a, b))
 
 
-def check_matching(ens: xr.DataArray | xr.Dataset, obs: xr.DataArray | xr.Dataset,
-                   *, ens_name: str = "ens", obs_name: str = "obs") -> None:
-    """Raise a ValueError unless ``ens`` (with ``member``) and ``obs`` share grid and fields.
+def check_matching(ens: xr.DataArray | xr.Dataset, obs: XrObj, *, ens_name: str = "ens",
+                   obs_name: str = "obs") -> XrObj:
+    """``obs`` on the coordinates of ``ens``, after checking that they share grid and fields.
 
-    The non-member dimensions must be the same, with the same sizes and coordinate values.
+    The non-member dimensions must be the same, with the same sizes and coordinate values
+    (floats to 1e-6 relative, so float32 and float64 copies of a grid match); a ValueError
+    names the difference otherwise.  Returning ``obs`` with ``ens``'s index values keeps
+    xarray's alignment from silently dropping points that differ only by rounding.
     """
     require_member(ens, ens_name)
     if MEMBER in obs.dims:
@@ -155,6 +159,7 @@ def check_matching(ens: xr.DataArray | xr.Dataset, obs: xr.DataArray | xr.Datase
                 f"coordinate {d!r} differs between {ens_name} and {obs_name} "
                 f"({ens_name}: {np.asarray(ens.indexes[d])[:4]}..., {obs_name}: "
                 f"{np.asarray(obs.indexes[d])[:4]}...); put both on the same grid/fields")
+    return obs.assign_coords({d: ens[d] for d in sorted(obs_dims) if d in ens.indexes})
 
 
 def _is_dask(x: xr.DataArray | xr.Dataset) -> bool:
@@ -247,6 +252,7 @@ def _crps(ens: XrObj, obs: XrObj, fair: bool) -> XrObj:
     if fair and m < 2:
         raise ValueError(f"fair CRPS needs at least 2 members, got {m}; use crps_ensemble "
                          f"(ordinary CRPS, equal to the absolute error for one member)")
+    obs = check_matching(ens, obs)
     return xr.apply_ufunc(
         _crps_kernel, ens, obs, kwargs={"fair": fair},
         input_core_dims=[[MEMBER], []], dask="parallelized", output_dtypes=[np.float64],
@@ -278,7 +284,6 @@ def crps_skill(ens: XrObj, obs: XrObj, reference: XrObj, *,
 
     ``reference`` is another ensemble (any member count) on the same grid and fields.
     """
-    check_matching(reference, obs, ens_name="reference")
     score = crps_fair if fair else crps_ensemble
     return 1.0 - weighted_mean(score(ens, obs), dim) / weighted_mean(score(reference, obs), dim)
 
@@ -289,12 +294,12 @@ def crps_skill(ens: XrObj, obs: XrObj, reference: XrObj, *,
 
 def weighted_bias(ens: XrObj, obs: XrObj, dim: str | Sequence[str] | None = None) -> XrObj:
     """Weighted mean of (ensemble mean - obs) over ``dim`` (default all): the mean error."""
-    return weighted_mean(ensemble_mean(ens) - obs, dim)
+    return weighted_mean(ens.mean(MEMBER) - check_matching(ens, obs), dim)
 
 
 def weighted_rmse(ens: XrObj, obs: XrObj, dim: str | Sequence[str] | None = None) -> XrObj:
     """Root of the weighted mean over ``dim`` of (ensemble mean - obs)^2."""
-    return np.sqrt(weighted_mean((ensemble_mean(ens) - obs) ** 2, dim))
+    return np.sqrt(weighted_mean((ens.mean(MEMBER) - check_matching(ens, obs)) ** 2, dim))
 
 
 def spread_skill_ratio(ens: XrObj, obs: XrObj,
@@ -305,7 +310,8 @@ def spread_skill_ratio(ens: XrObj, obs: XrObj,
     ``sqrt((M + 1) / M)`` makes 1 the ideal value for a finite exchangeable ensemble
     (Fortin et al. 2014, J. Hydrometeor. 15, 1708-1713).
     """
-    m = require_member(ens, "ens")
+    obs = check_matching(ens, obs)
+    m = int(ens.sizes[MEMBER])
     spread = np.sqrt(weighted_mean(ens.var(MEMBER, ddof=1), dim))
     skill = np.sqrt(weighted_mean((ens.mean(MEMBER) - obs) ** 2, dim))
     return np.sqrt((m + 1) / m) * spread / skill
@@ -318,8 +324,8 @@ def spread_skill_bins(ens: xr.DataArray, obs: xr.DataArray, bins: int = 10) -> x
     weighted mean variance in the bin), ``rmse`` of the ensemble mean and ``count``.  For a
     calibrated ensemble ``spread == rmse`` in every bin.
     """
-    m = require_member(ens, "ens")
-    check_matching(ens, obs)
+    obs = check_matching(ens, obs)
+    m = int(ens.sizes[MEMBER])
     var, sq_err = dask.compute(ens.var(MEMBER, ddof=1), (ens.mean(MEMBER) - obs) ** 2)
     w = lat_weights(obs).broadcast_like(obs).transpose(*obs.dims).values.ravel()
     v, e = var.transpose(*obs.dims).values.ravel(), sq_err.transpose(*obs.dims).values.ravel()
@@ -345,17 +351,23 @@ def rank_histogram(ens: xr.DataArray, obs: xr.DataArray, rng: np.random.Generato
     """Rank histogram (Talagrand diagram; Hamill 2001): counts of the rank of y among members.
 
     The rank is ``#{X_i < y} + U``, with ``U`` uniform on ``0..#{X_i == y}`` drawn from
-    ``rng`` (ties broken at random).  Counts over ``dim`` (default all obs dims) -> ``(rank,
+    ``rng`` (ties broken at random; for dask-backed ``obs`` a dask Generator seeded from
+    ``rng`` draws them chunk by chunk).  Counts over ``dim`` (default all obs dims) -> ``(rank,
     ...)`` with ``M + 1`` bins; NaN points are not counted.
     """
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}; "
                         f"pass np.random.default_rng(seed)")
-    m = require_member(ens, "ens")
-    check_matching(ens, obs)
+    obs = check_matching(ens, obs)
+    m = int(ens.sizes[MEMBER])
     n_less = (ens < obs).sum(MEMBER)
     n_tied = (ens == obs).sum(MEMBER)
-    u = xr.DataArray(rng.random(obs.shape), dims=obs.dims, coords=obs.coords)
+    if obs.chunks:  # lazy uniforms, chunked like obs, seeded from rng
+        u_data = dask.array.random.default_rng(int(rng.integers(2**63))).random(
+            obs.shape, chunks=obs.chunks)
+    else:
+        u_data = rng.random(obs.shape)
+    u = xr.DataArray(u_data, dims=obs.dims, coords=obs.coords)  # (...) uniform on [0, 1)
     ranks = n_less + np.floor(u * (n_tied + 1))
     ranks = ranks.where(obs.notnull() & ens.notnull().all(MEMBER))
     dims = list(obs.dims) if dim is None else [dim] if isinstance(dim, str) else list(dim)
@@ -387,7 +399,7 @@ def energy_score(ens: xr.DataArray, obs: xr.DataArray, *, fair: bool = True) -> 
     m = require_member(ens, "ens")
     if fair and m < 2:
         raise ValueError(f"the fair energy score needs at least 2 members, got {m}")
-    check_matching(ens, obs)
+    obs = check_matching(ens, obs)
     spatial = list(lat_lon_dims(obs))
     valid = obs.notnull() & ens.notnull().all(MEMBER)  # (..., lat, lon)
     w = lat_weights(obs) * valid
@@ -426,7 +438,7 @@ def spectra_relative_error(ens: XrObj, obs: XrObj, *, max_wavenumber: int = 24,
 
     ``P`` is :func:`zonal_power_spectrum` of all members and of the observations.
     """
-    check_matching(ens, obs)
+    obs = check_matching(ens, obs)
     _, lon = lat_lon_dims(obs)
     k_max = min(max_wavenumber, obs.sizes[lon] // 2)
     if k_max < 1:
@@ -467,7 +479,7 @@ def _bootstrap_ratio(num: np.ndarray, den: np.ndarray, rng: np.random.Generator,
 
 
 def _scores(ens: xr.DataArray, obs: xr.DataArray, reference: xr.DataArray | None,
-            rng: np.random.Generator) -> dict[str, Any]:
+            rank_rng: np.random.Generator, boot_rng: np.random.Generator) -> dict[str, Any]:
     """All scores of one variable (fields = points of the sample dims)."""
     fields = sample_dims(obs)
     spatial = list(lat_lon_dims(obs))
@@ -479,7 +491,7 @@ def _scores(ens: xr.DataArray, obs: xr.DataArray, reference: xr.DataArray | None
         "bias": weighted_bias(ens, obs),
         "rmse": weighted_rmse(ens, obs),
         "energy_score": energy_score(ens, obs).mean(),
-        "rank_counts": rank_histogram(ens, obs, rng),
+        "rank_counts": rank_histogram(ens, obs, rank_rng),
         "spectrum_members": zonal_power_spectrum(ens),
         "spectrum_truth": zonal_power_spectrum(obs),
     }
@@ -512,7 +524,7 @@ def _scores(ens: xr.DataArray, obs: xr.DataArray, reference: xr.DataArray | None
         out["crps_fair_reference"] = float(np.nanmean(ref_field))
         out["crps_ratio_vs_reference"] = out["crps_fair"] / out["crps_fair_reference"]
         out["crps_skill"] = 1.0 - out["crps_ratio_vs_reference"]
-        lo, hi = _bootstrap_ratio(per_field, ref_field, rng)
+        lo, hi = _bootstrap_ratio(per_field, ref_field, boot_rng)
         out.update(crps_ratio_ci_low=lo, crps_ratio_ci_high=hi)
     out["rank_histogram_counts"] = [int(c) for c in done["rank_counts"].values]
     out["spectrum_members"] = p_m.values.tolist()
@@ -540,7 +552,7 @@ def evaluate(ens: xr.Dataset | xr.DataArray, obs: xr.Dataset | xr.DataArray, *,
     variables : variables to score (default: every variable of ``ens`` also in ``obs``);
         the first one is the headline of ``summary``.
     out_dir : when given, ``scores.json`` and ``scores.md`` are written there atomically.
-    rng_seed : seed of the ``numpy.random.Generator`` for rank ties and the bootstrap.
+    rng_seed : seeds the ``numpy.random.Generator`` streams of rank ties and the bootstrap.
 
     Returns
     -------
@@ -568,8 +580,10 @@ def evaluate(ens: xr.Dataset | xr.DataArray, obs: xr.Dataset | xr.DataArray, *,
         if ens_ds[v].sizes[MEMBER] < 2:
             raise ValueError(f"ens[{v!r}] has 1 member; fair CRPS and spread need at least 2")
 
-    rng = np.random.default_rng(rng_seed)
-    per_var = {str(v): _scores(ens_ds[v], obs_ds[v], None if ref_ds is None else ref_ds[v], rng)
+    # independent streams: rank ties (whose draws depend on numpy vs dask) and bootstrap
+    rank_rng, boot_rng = map(np.random.default_rng, np.random.SeedSequence(rng_seed).spawn(2))
+    per_var = {str(v): _scores(ens_ds[v], obs_ds[v], None if ref_ds is None else ref_ds[v],
+                               rank_rng, boot_rng)
                for v in names}
     head = per_var[str(names[0])]
     keys = SUMMARY_KEYS + (REFERENCE_KEYS if ref_ds is not None else ())

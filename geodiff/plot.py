@@ -413,7 +413,7 @@ def spectra_figure(ens: xr.Dataset | xr.DataArray, obs: xr.Dataset | xr.DataArra
     out = _check_out(out)
     da = _variable(ens, variable, "ens")
     y = _variable(obs, da.name, "obs")
-    analysis.check_matching(da, y)
+    y = analysis.check_matching(da, y)
     p_each = analysis.zonal_power_spectrum(da, keep=[MEMBER]).compute()  # (wavenumber, member)
     p_ens = p_each.mean(MEMBER)
     p_obs = analysis.zonal_power_spectrum(y).compute()

@@ -279,9 +279,9 @@ def test_no_latitude_is_a_clear_error():
 
 
 def test_dask_gives_the_same_numbers_as_numpy():
-    ens, obs = random_case(np.random.default_rng(11), m=6, shape=(4, 5, 8))
-    ens_d = ens.chunk({"member": 2, "time": 1})
-    obs_d = obs.chunk({"time": 1})
+    ens, obs = random_case(np.random.default_rng(11), m=6, shape=(12, 5, 8))
+    ens_d = ens.chunk({"member": 2, "time": 5})
+    obs_d = obs.chunk({"time": 5})
     for func in (an.crps_fair, an.crps_ensemble, an.energy_score):
         lazy = func(ens_d, obs_d)
         assert lazy.chunks is not None
@@ -294,7 +294,7 @@ def test_dask_gives_the_same_numbers_as_numpy():
     np.testing.assert_allclose(an.ensemble_quantiles(ens_d, [0.1, 0.9]).values,
                                an.ensemble_quantiles(ens, [0.1, 0.9]).values)
     eager = an.evaluate(ens, obs, reference=ens + 0.3)["summary"]
-    lazy = an.evaluate(ens_d, obs_d, reference=(ens + 0.3).chunk({"time": 2}))["summary"]
+    lazy = an.evaluate(ens_d, obs_d, reference=(ens + 0.3).chunk({"time": 4}))["summary"]
     assert lazy.keys() == eager.keys()
     for key, value in eager.items():
         if isinstance(value, float):
@@ -358,3 +358,13 @@ def test_accessor_is_registered_and_delegates():
     assert ds.geodiff.lat_lon_dims == ("lat", "lon")
     assert ds.geodiff.sample_dims == ["time"]
     assert ds.geodiff.evaluate(obs.to_dataset())["summary"]["n_members"] == 4
+
+
+def test_float32_copy_of_the_grid_matches_without_dropping_points():
+    ens, obs = random_case(np.random.default_rng(15), m=4)
+    lat32 = obs.lat + 1e-7 * np.arange(obs.sizes["lat"])  # rounding-level differences
+    shifted = obs.assign_coords(lat=lat32)
+    for func in (an.crps_fair, an.crps_ensemble):
+        np.testing.assert_allclose(func(ens, shifted).values, func(ens, obs).values)
+    assert float(an.weighted_rmse(ens, shifted)) == float(an.weighted_rmse(ens, obs))
+    assert an.evaluate(ens, shifted)["summary"] == an.evaluate(ens, obs)["summary"]
