@@ -114,11 +114,16 @@ def _label(da: xr.DataArray) -> str:
     return f"{name} [{units}]" if units else str(name)
 
 
-def _where(da: xr.DataArray) -> str:
-    """``scenario=A1B, time=2095-...`` from the scalar sample coordinates of a field."""
-    parts = [f"{k}={np.asarray(v.values).item()}" for k, v in da.coords.items()
-             if v.ndim == 0 and k != MEMBER]
-    return ", ".join(str(p)[:40] for p in parts)
+def _where(field: xr.DataArray, dims: Sequence[str]) -> str:
+    """``scenario=A1B, time=2095-...``: the labels of the selected field along ``dims``."""
+    parts = []
+    for k in dims:
+        if k in field.coords:
+            value = field[k].values
+            text = (np.datetime_as_string(value, unit="D")
+                    if np.issubdtype(value.dtype, np.datetime64) else str(value))
+            parts.append(f"{k}={text[:30]}")
+    return ", ".join(parts)
 
 
 def _is_signed(da: xr.DataArray, lo: float, hi: float) -> bool:
@@ -310,7 +315,7 @@ def ensemble_figure(ens: xr.Dataset | xr.DataArray, kind: str, *,
         raise ValueError("kind='spread' needs at least 2 members")
     field = _one_field(da, sel)
     truth = None if obs is None else _one_field(_variable(obs, da.name, "obs"), sel)
-    suptitle = f"{da.name or ''} {_where(field)}"
+    suptitle = f"{da.name or ''} {_where(field, analysis.sample_dims(da))}"
 
     if kind == "members":
         labels = field[MEMBER].values
