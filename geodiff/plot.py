@@ -311,6 +311,8 @@ def ensemble_figure(ens: xr.Dataset | xr.DataArray, kind: str, *,
         raise ValueError("kind='exceedance' needs threshold=, e.g. threshold=290.0 (data units)")
     da = _variable(ens, variable, "ens")
     m = analysis.require_member(da, "ens")
+    if MEMBER not in da.indexes:  # label members 0..M-1 when the file carries no labels
+        da = da.assign_coords({MEMBER: np.arange(m)})
     if kind == "spread" and m < 2:
         raise ValueError("kind='spread' needs at least 2 members")
     field = _one_field(da, sel)

@@ -147,7 +147,7 @@ def test_sel_picks_the_field_and_member_labels(offline, regional):
     expected = ens.tas.sel(time=2).mean("member").values  # (lat, lon)
     np.testing.assert_allclose(data_mesh(geo_axes(fig)[0]).get_array().ravel(),
                                expected.ravel())
-    fig = plot.ensemble_figure(ens, "members", member=[5, 1])
+    fig = plot.ensemble_figure(ens.drop_vars("member"), "members", member=[5, 1])
     assert [ax.get_title() for ax in geo_axes(fig)] == ["member 5", "member 1"]
     np.testing.assert_allclose(data_mesh(geo_axes(fig)[0]).get_array().ravel(),
                                ens.tas.isel(time=0).sel(member=5).values.ravel())
