@@ -74,16 +74,35 @@ def _count(fraction: float, n: int) -> int:
 
 
 def _range_positions(ds: xr.Dataset, bounds: tuple[str, str] | None, name: str) -> np.ndarray:
+    """Positions of times within the inclusive partial-date bounds, e.g. ``("1860", "1999")``.
+
+    Compares ``(year, month, day, hour, minute, second)`` tuples truncated to the resolution
+    of each bound, so any calendar (360_day, noleap, ...) and datetime64 work alike.
+    """
     if bounds is None:
         return np.zeros(0, dtype=np.int64)
-    index = ds.indexes.get(TIME)
+    lo, hi = (_date_parts(b, f"split.{name}") for b in bounds)
+    keys = [_time_parts(t) for t in np.ravel(ds[TIME].values)]
+    keep = [lo <= k[:len(lo)] and k[:len(hi)] <= hi for k in keys]
+    return np.flatnonzero(keep)
+
+
+def _date_parts(text: str, key: str) -> tuple[int, ...]:
+    parts = str(text).strip().replace("T", " ").replace(":", " ").replace("-", " ").split()
     try:
-        sl = index.slice_indexer(bounds[0], bounds[1])
-    except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise ValueError(f"split.{name}={list(bounds)} cannot select times from the time "
-                         f"index ({type(index).__name__}): {err}; use date strings such as "
-                         f"['1860-01-01', '1999-12-31'] on a decoded, sorted time") from None
-    return np.arange(ds.sizes[TIME], dtype=np.int64)[sl]
+        return tuple(int(p) for p in parts[:6])
+    except ValueError:
+        raise ValueError(f"{key} bound {text!r} is not a date string such as '1860', "
+                         f"'1860-06' or '1860-06-01'") from None
+
+
+def _time_parts(t: Any) -> tuple[int, ...]:
+    if isinstance(t, np.datetime64):
+        t = t.astype("datetime64[s]").astype(object)
+    try:
+        return (t.year, t.month, t.day, t.hour, t.minute, t.second)
+    except AttributeError:
+        raise ValueError(f"split kind 'time_ranges' needs a decoded time, got {t!r}") from None
 
 
 def _year_coord(ds: xr.Dataset) -> xr.DataArray:
