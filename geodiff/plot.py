@@ -16,7 +16,6 @@ PNG atomically.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -63,13 +62,12 @@ def _check_out(out: str | Path) -> Path:
 def _save(fig: Any, out: Path, dpi: int = 110) -> Path:
     """Save ``fig`` as PNG at ``out`` atomically (temp file in the same folder + replace)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".png")
-    os.close(fd)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
         os.replace(tmp, out)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return out
 
