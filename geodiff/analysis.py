@@ -31,6 +31,7 @@ import xarray as xr
 
 from geodiff import accessor  # noqa: F401  (registers the .geodiff accessor)
 from geodiff._version import __version__
+from geodiff.grid import area_weights
 
 MEMBER = "member"
 RANK = "rank"
@@ -76,15 +77,14 @@ def lat_lon_dims(obj: xr.DataArray | xr.Dataset) -> tuple[str, str]:
 
 
 def lat_weights(obj: xr.DataArray | xr.Dataset) -> xr.DataArray:
-    """Area weights ``cos(lat)`` normalised to mean 1 over the latitudes of ``obj``.
+    """Area weights ``cos(lat)`` normalised to mean 1 (:func:`geodiff.grid.area_weights`).
 
     Returns a DataArray along the latitude dimension ``(lat,)`` that broadcasts against
     ``obj``.
     """
     lat, _ = lat_lon_dims(obj)
-    w = np.cos(np.deg2rad(np.asarray(obj[lat].values, dtype=np.float64)))
-    w = np.clip(w, 0.0, None)
-    return xr.DataArray(w / w.mean(), dims=[lat], coords={lat: obj[lat].values})
+    return xr.DataArray(area_weights(obj[lat].values), dims=[lat],
+                        coords={lat: obj[lat].values})
 
 
 def sample_dims(obj: xr.DataArray | xr.Dataset) -> list[str]:
