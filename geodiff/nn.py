@@ -82,25 +82,25 @@ class LatLonPad(nn.Module):
         return lat, lon
 
     def explicit(self, x: Tensor) -> Tensor:
-        """The non-zero (circular / cross-pole) part of the padding of ``x`` ``(B, C, H, W)``."""
+        """The non-zero (circular / cross-pole) part of the padding of ``x`` ``(B, C, H, W)``.
+
+        ``(B, C, H + 2 ph, W + 2 pad)`` with ``ph = pad`` under pole padding, else 0; ``x``
+        itself on a regional grid.
+        """
         p = self.pad
-        if p == 0:
+        if p == 0 or not self.topology.periodic_lon:
             return x
-        if self.topology.pole_padding:
-            width = x.shape[-1]
-            if width % 2:
-                raise ValueError(f"pole padding needs an even number of longitudes, got W={width} "
-                                 "(at this resolution level); use an even W divisible by "
-                                 "2**len(channels)")
-            across_south = x[..., :p, :].flip(-2).roll(width // 2, dims=-1)   # (B, C, p, W)
-            across_north = x[..., -p:, :].flip(-2).roll(width // 2, dims=-1)  # (B, C, p, W)
-            x = torch.cat([across_south, x, across_north], dim=-2)            # (B, C, H+2p, W)
-        if self.topology.periodic_lon:
-            if x.shape[-1] < p:
-                raise ValueError(f"circular padding of {p} columns needs W >= {p}, got "
-                                 f"W={x.shape[-1]}")
-            x = torch.cat([x[..., -p:], x, x[..., :p]], dim=-1)               # (B, C, H', W+2p)
-        return x
+        w = x.shape[-1]
+        if w < p:
+            raise ValueError(f"circular padding of {p} columns needs W >= {p}, got W={w}")
+        pole = self.topology.pole_padding
+        if pole and x.shape[-2] < p:
+            raise ValueError(f"pole padding of {p} rows needs H >= {p}, got H={x.shape[-2]}")
+        if pole and w % 2:
+            raise ValueError(f"pole padding needs an even number of longitudes, got W={w} (at "
+                             "this resolution level); use an even W divisible by "
+                             "2**len(channels)")
+        return _SpherePad.apply(x, p, pole)
 
     def forward(self, x: Tensor) -> Tensor:
         """``x`` ``(B, C, H, W)`` padded to ``(B, C, H + 2 pad, W + 2 pad)``."""
@@ -112,11 +112,66 @@ class LatLonPad(nn.Module):
                 f"pole_padding={self.topology.pole_padding}")
 
 
-class LatLonConv2d(nn.Conv2d):
-    """A 2-D convolution whose padding is always done by a :class:`LatLonPad`.
+class _SpherePad(torch.autograd.Function):
+    """Circular longitude (and cross-pole latitude) padding with a hand-written backward.
 
-    Same parameters as :class:`torch.nn.Conv2d` (square, odd ``kernel_size``; ``stride`` 1 or
-    2) plus the grid ``topology``; the output grid is ``ceil(H / stride) x ceil(W / stride)``.
+    Forward writes ``x`` and its halos into one preallocated tensor by slice copies
+    (concatenating along the contiguous longitude axis is an order of magnitude slower on
+    CPU); backward folds the halo gradients back onto the cells they were copied from. Each
+    direction costs one copy of the tensor, as zero padding does, where autograd through the
+    slice assignments would clone the full gradient once per assignment.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, p: int, pole: bool) -> Tensor:
+        ctx.p, ctx.pole = p, pole
+        *lead, h, w = x.shape
+        ph, half = (p if pole else 0), w // 2
+        out = x.new_empty(*lead, h + 2 * ph, w + 2 * p)                  # (B, C, H+2ph, W+2p)
+        out[..., ph:ph + h, p:p + w] = x
+        for r in range(ph):
+            # row r beyond a pole is row r inside it seen from lon + 180 deg, i.e. rolled by
+            # W/2: column j of the rolled row is column j + W/2 of the original, mod W
+            south, north = out[..., p - 1 - r, :], out[..., ph + h + r, :]  # (B, C, W+2p)
+            south[..., p:p + half], south[..., p + half:p + w] = x[..., r, half:], x[..., r, :half]
+            north[..., p:p + half] = x[..., h - 1 - r, half:]
+            north[..., p + half:p + w] = x[..., h - 1 - r, :half]
+        out[..., :p] = out[..., w:w + p]              # west halo = easternmost columns
+        out[..., p + w:] = out[..., p:2 * p]          # east halo = westernmost columns
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        p, pole = ctx.p, ctx.pole
+        ph = p if pole else 0
+        h, w = grad.shape[-2] - 2 * ph, grad.shape[-1] - 2 * p
+        half = w // 2
+
+        def fold_lon(rows: slice) -> Tensor:
+            g = grad[..., rows, p:p + w].clone()                          # (B, C, rows, W)
+            g[..., w - p:] += grad[..., rows, :p]
+            g[..., :p] += grad[..., rows, p + w:]
+            return g
+
+        grad_x = fold_lon(slice(ph, ph + h))                              # (B, C, H, W)
+        if pole:
+            south = fold_lon(slice(0, p)).flip(-2)                        # (B, C, p, W)
+            north = fold_lon(slice(ph + h, None)).flip(-2)                # (B, C, p, W)
+            grad_x[..., :p, half:] += south[..., :half]
+            grad_x[..., :p, :half] += south[..., half:]
+            grad_x[..., h - p:, half:] += north[..., :half]
+            grad_x[..., h - p:, :half] += north[..., half:]
+        return grad_x, None, None
+
+
+class LatLonConv2d(nn.Conv2d):
+    """A 2-D convolution of the grid padded by its :class:`LatLonPad` (``self.pad``).
+
+    Same parameters as :class:`torch.nn.Conv2d` (square, odd ``kernel_size``; any ``stride``)
+    plus the grid ``topology``; the output is the convolution of ``self.pad(x)`` with no
+    further padding: ``(H + 2 pad - k) // stride + 1`` rows, likewise columns. Zero padding
+    is left to the convolution itself (no copy); only circular / cross-pole halos are copied.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, *,
@@ -128,7 +183,7 @@ class LatLonConv2d(nn.Conv2d):
         self.pad = LatLonPad(kernel_size // 2, topology)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Convolve ``x`` ``(B, C_in, H, W)`` -> ``(B, C_out, H / stride, W / stride)``."""
+        """Convolve ``x`` ``(B, C_in, H, W)`` -> ``(B, C_out, H', W')``."""
         return F.conv2d(self.pad.explicit(x), self.weight, self.bias, self.stride,
                         self.pad.implicit)
 

@@ -1,0 +1,385 @@
+"""Throughput and memory of LatLonUNet vs diffusers' UNet2DModel, and sampler efficiency.
+
+Not a test. For each grid (lat x lon) and channel count the script times
+
+* a **training step** (forward, MSE loss, backward, Adam step) and
+* a **sampling step** (one network evaluation without gradients, eval mode)
+
+for three networks of matched size: geodiff's :class:`~geodiff.unet.LatLonUNet` on a global
+grid (circular longitude + pole padding, the configuration it exists for), the same network
+on a regional grid (zero padding, exactly what diffusers does) and ``diffusers.UNet2DModel``
+with the same widths, blocks, attention levels, group norm and scale-shift embedding
+(parameter counts are printed and must agree within 10 %). Timings interleave the models
+step by step, so the load of a shared machine hits all of them alike, and report medians.
+
+Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA and the peak RSS increase
+(psutil, sampled every millisecond, after returning freed heap to the OS) on CPU.
+
+Finally, with the analytic Gaussian denoiser of ``x0 ~ N(mu, diag s^2)``,
+``D(x, sigma) = mu + s^2 / (s^2 + sigma^2) (x - mu)``, it finds the fewest network
+evaluations for which DPM-Solver++ matches the sample quality of 1000-step DDPM.
+
+Writes ``benchmarks/results/bench_model.json``. ``--quick`` (smaller grids, widths and
+iteration counts) finishes in under two minutes on a laptop CPU; the full run is meant for a
+GPU (or allow tens of minutes on a CPU).
+
+Usage::
+
+    python benchmarks/bench_model.py --quick --device cpu
+    python benchmarks/bench_model.py --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import math
+import platform
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from geodiff.unet import LatLonUNet  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results" / "bench_model.json"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Sizes of one benchmark run."""
+
+    grids: tuple[tuple[int, int], ...]
+    channel_counts: tuple[int, ...]
+    widths: tuple[int, ...]
+    blocks: int
+    batch: int
+    warmup: int
+    iters: int
+    members: int
+
+
+QUICK = Setting(grids=((16, 32), (32, 64)), channel_counts=(1, 4), widths=(32, 64, 64),
+                blocks=1, batch=4, warmup=2, iters=6, members=2000)
+FULL = Setting(grids=((32, 64), (64, 128)), channel_counts=(1, 4), widths=(64, 128, 256),
+               blocks=2, batch=16, warmup=5, iters=30, members=20000)
+
+
+# ---------------------------------------------------------------------------------------
+# models
+
+
+def build_models(setting: Setting, channels: int, grid: tuple[int, int]) -> dict[str, nn.Module]:
+    """geodiff (global and regional padding) and diffusers UNets of matched architecture."""
+    from diffusers import UNet2DModel
+
+    widths, levels = setting.widths, len(setting.widths)
+    heads = 4
+    common = {"channels": widths, "blocks_per_level": setting.blocks,
+              "attention_levels": (levels - 1,), "attention_heads": heads, "groups": 8}
+    down = tuple("AttnDownBlock2D" if i == levels - 1 else "DownBlock2D" for i in range(levels))
+    up = tuple("AttnUpBlock2D" if i == levels - 1 else "UpBlock2D"
+               for i in reversed(range(levels)))
+    torch.manual_seed(0)
+    return {
+        "geodiff_global": LatLonUNet(channels, channels, periodic_lon=True, pole_padding=True,
+                                     **common),
+        "geodiff_regional": LatLonUNet(channels, channels, **common),
+        "diffusers": UNet2DModel(sample_size=grid, in_channels=channels, out_channels=channels,
+                                 block_out_channels=widths, layers_per_block=setting.blocks,
+                                 down_block_types=down, up_block_types=up, norm_num_groups=8,
+                                 attention_head_dim=widths[-1] // heads,
+                                 resnet_time_scale_shift="scale_shift"),
+    }
+
+
+def forward(name: str, model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """One network evaluation of either library's UNet."""
+    if name == "diffusers":
+        return model(x, t, return_dict=False)[0]
+    return model(x, t)
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------
+# timing and memory
+
+
+def make_steps(models: dict[str, nn.Module], x: torch.Tensor, t: torch.Tensor, device: str
+               ) -> tuple[dict[str, Callable[[], None]], dict[str, Callable[[], None]]]:
+    """Training-step and sampling-step closures for every model."""
+    amp = (torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda"
+           else nullcontext())
+    target = torch.randn_like(x)
+    train, sample = {}, {}
+    for name, model in models.items():
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+        def train_step(name=name, model=model, opt=opt) -> None:
+            model.train()
+            opt.zero_grad(set_to_none=True)
+            with amp:
+                loss = F.mse_loss(forward(name, model, x, t).float(), target)
+            loss.backward()
+            opt.step()
+
+        def sample_step(name=name, model=model) -> None:
+            model.eval()
+            with torch.no_grad(), amp:
+                forward(name, model, x, t)
+
+        train[name], sample[name] = train_step, sample_step
+    return train, sample
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_interleaved(steps: dict[str, Callable[[], None]], warmup: int, iters: int,
+                     device: str) -> dict[str, float]:
+    """Median seconds per call of each closure, the closures called in turn."""
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(iters):
+        for name, step in steps.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            step()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def _trim_heap() -> None:
+    gc.collect()
+    if platform.system() == "Linux":
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def peak_memory_mib(step: Callable[[], None], device: str) -> float:
+    """Peak memory increase (MiB) over two calls of ``step``."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    import psutil
+
+    proc = psutil.Process()
+    _trim_heap()
+    base = peak = proc.memory_info().rss
+    done = threading.Event()
+
+    def poll() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, proc.memory_info().rss)
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    for _ in range(2):
+        step()
+    done.set()
+    thread.join()
+    return (max(peak, proc.memory_info().rss) - base) / 2**20
+
+
+def bench_config(setting: Setting, channels: int, grid: tuple[int, int], device: str) -> dict:
+    """Timings, memory and parameter counts of the three networks on one configuration."""
+    models = {k: m.to(device) for k, m in build_models(setting, channels, grid).items()}
+    counts = {k: n_params(m) for k, m in models.items()}
+    ratio = counts["geodiff_global"] / counts["diffusers"]
+    assert abs(ratio - 1) < 0.1, f"parameter counts not matched: {counts}"
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(setting.batch, channels, *grid, generator=gen).to(device)
+    t = (torch.rand(setting.batch, generator=gen) * 999).to(device)
+    train, sample = make_steps(models, x, t, device)
+    train_s = time_interleaved(train, setting.warmup, setting.iters, device)
+    sample_s = time_interleaved(sample, setting.warmup, setting.iters, device)
+    out = {"grid": list(grid), "channels": channels, "batch": setting.batch, "params": counts,
+           "models": {}}
+    for name in models:
+        out["models"][name] = {
+            "train_samples_per_s": setting.batch / train_s[name],
+            "sample_samples_per_s": setting.batch / sample_s[name],
+            "train_peak_mib": peak_memory_mib(train[name], device),
+            "sample_peak_mib": peak_memory_mib(sample[name], device),
+        }
+    ref = out["models"]["diffusers"]
+    for name in ("geodiff_global", "geodiff_regional"):
+        m = out["models"][name]
+        m["train_speed_ratio"] = m["train_samples_per_s"] / ref["train_samples_per_s"]
+        m["sample_speed_ratio"] = m["sample_samples_per_s"] / ref["sample_samples_per_s"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# DPM-Solver++ vs DDPM-1000 on an analytic Gaussian denoiser
+
+
+class GaussianDenoiser:
+    """Exact denoiser of ``x0 ~ N(mu, diag s^2)`` under ``x = x0 + sigma eps``.
+
+    ``D(x, sigma) = E[x0 | x] = mu + s^2 / (s^2 + sigma^2) (x - mu)``; counts its calls.
+    """
+
+    def __init__(self, mu: torch.Tensor, s: torch.Tensor) -> None:
+        self.mu, self.s, self.calls = mu, s, 0
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        sigma = sigma.reshape(-1, 1, 1, 1).to(x.dtype)                   # (B, 1, 1, 1)
+        s2 = self.s**2
+        return self.mu + s2 / (s2 + sigma**2) * (x - self.mu)
+
+
+def sample_error(samples: torch.Tensor, mu: torch.Tensor, s: torch.Tensor) -> dict[str, float]:
+    """RMS over pixels of the standardised errors of the ensemble mean and std.
+
+    ``samples`` is ``(N, C, H, W)``; the mean error is ``(mean - mu) / s`` (Monte-Carlo
+    standard error ``1 / sqrt(N)``), the std error ``std / s - 1`` (standard error about
+    ``1 / sqrt(2 N)``).
+    """
+    mean_err = (samples.mean(0) - mu) / s
+    std_err = samples.std(0) / s - 1
+    return {"mean_rms": mean_err.square().mean().sqrt().item(),
+            "std_rms": std_err.square().mean().sqrt().item()}
+
+
+def dpmpp_evals_to_match_ddpm(members: int, sigma_min: float = 0.002,
+                              sigma_max: float = 80.0) -> dict:
+    """Fewest DPM-Solver++ network evaluations matching DDPM-1000 sample statistics.
+
+    The truth is ``N(mu, s^2)`` on an 8 x 16 one-channel grid with ``mu`` in [-1, 1] and ``s``
+    in [0.05, 0.5] (scaled-data ranges). Every sampler starts from the same seeds. A run
+    matches when both its mean and std errors (see :func:`sample_error`) are no larger than
+    DDPM-1000's plus two Monte-Carlo standard errors of the pooled RMS statistic.
+    """
+    from geodiff import sampling
+    from geodiff.diffusion import make_schedule
+
+    gen = torch.Generator().manual_seed(1)
+    shape = (members, 1, 8, 16)
+    mu = (torch.rand(1, 1, 8, 16, generator=gen, dtype=torch.float64) * 2 - 1)
+    s = 0.05 + 0.45 * torch.rand(1, 1, 8, 16, generator=gen, dtype=torch.float64)
+
+    def run(sampler: str, steps: int, **kw) -> tuple[dict[str, float], int]:
+        den = GaussianDenoiser(mu, s)
+        gens = [torch.Generator().manual_seed(10_000 + b) for b in range(members)]
+        out = sampling.sample(den, shape, gens, sampler=sampler, steps=steps,
+                              sigma_min=sigma_min, sigma_max=sigma_max, **kw)
+        return sample_error(out.double(), mu, s), den.calls
+
+    t0 = time.perf_counter()
+    ddpm, ddpm_calls = run("ddpm", 1000, schedule=make_schedule("linear", 1000))
+    pixels = mu.numel()
+    # the pooled RMS of N(0, se^2) errors over P pixels has standard error ~ se / sqrt(2 P)
+    tol_mean = 2 * (1 / math.sqrt(members)) / math.sqrt(2 * pixels)
+    tol_std = 2 * (1 / math.sqrt(2 * members)) / math.sqrt(2 * pixels)
+    found, trials = None, []
+    for steps in (2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 25, 30, 40, 50, 70, 100):
+        err, calls = run("dpmpp", steps)
+        ok = (err["mean_rms"] <= ddpm["mean_rms"] + tol_mean
+              and err["std_rms"] <= ddpm["std_rms"] + tol_std)
+        trials.append({"steps": steps, "evals": calls, **err, "matches": ok})
+        if ok:
+            found = calls
+            break
+    return {"members": members, "ddpm1000": {**ddpm, "evals": ddpm_calls},
+            "tolerance": {"mean_rms": tol_mean, "std_rms": tol_std}, "dpmpp": trials,
+            "evals_to_match": found, "seconds": time.perf_counter() - t0}
+
+
+# ---------------------------------------------------------------------------------------
+# report
+
+
+def print_table(configs: list[dict]) -> None:
+    head = (f"{'grid':>8} {'C':>2} {'model':<17}{'params':>9} {'train/s':>8} {'ratio':>6} "
+            f"{'sample/s':>9} {'ratio':>6} {'trainMiB':>9} {'sampleMiB':>10}")
+    print(head)
+    print("-" * len(head))
+    for cfg in configs:
+        grid = f"{cfg['grid'][0]}x{cfg['grid'][1]}"
+        for name, m in cfg["models"].items():
+            tr = m.get("train_speed_ratio", 1.0)
+            sr = m.get("sample_speed_ratio", 1.0)
+            print(f"{grid:>8} {cfg['channels']:>2} {name:<17}{cfg['params'][name]:>9} "
+                  f"{m['train_samples_per_s']:>8.1f} {tr:>6.2f} {m['sample_samples_per_s']:>9.1f}"
+                  f" {sr:>6.2f} {m['train_peak_mib']:>9.1f} {m['sample_peak_mib']:>10.1f}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--quick", action="store_true", help="small grids and few iterations")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--skip-sampler", action="store_true",
+                        help="skip the DPM-Solver++ vs DDPM comparison")
+    args = parser.parse_args(argv)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" \
+        else args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda requested but torch.cuda.is_available() is False")
+    setting = QUICK if args.quick else FULL
+    t0 = time.perf_counter()
+    configs = [bench_config(setting, c, grid, device)
+               for grid in setting.grids for c in setting.channel_counts]
+    print_table(configs)
+    summary = {
+        "train_speed_ratio_vs_diffusers": min(
+            c["models"]["geodiff_global"]["train_speed_ratio"] for c in configs),
+        "sample_speed_ratio_vs_diffusers": min(
+            c["models"]["geodiff_global"]["sample_speed_ratio"] for c in configs),
+        "regional_train_speed_ratio_vs_diffusers": min(
+            c["models"]["geodiff_regional"]["train_speed_ratio"] for c in configs),
+        "regional_sample_speed_ratio_vs_diffusers": min(
+            c["models"]["geodiff_regional"]["sample_speed_ratio"] for c in configs),
+        "dpmpp_evals_to_match_ddpm1000": None,
+    }
+    result = {"summary": summary, "device": device, "quick": args.quick,
+              "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "setting": setting.__dict__, "configs": configs}
+    if not args.skip_sampler:
+        sampler = dpmpp_evals_to_match_ddpm(setting.members)
+        summary["dpmpp_evals_to_match_ddpm1000"] = sampler["evals_to_match"]
+        result["sampler"] = sampler
+        print(f"DDPM-1000 errors {sampler['ddpm1000']}; tolerance {sampler['tolerance']}")
+        for trial in sampler["dpmpp"]:
+            print(f"  dpmpp {trial}")
+    result["seconds"] = time.perf_counter() - t0
+    print(json.dumps(summary, indent=2))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out} ({result['seconds']:.0f} s)")
+    return result
+
+
+if __name__ == "__main__":
+    main()
