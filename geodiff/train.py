@@ -198,7 +198,8 @@ class Trainer:
         where = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
                  else "no checkpoint was written yet")
         raise NonFiniteLossError(
-            f"loss became {float(loss)} at step {step} on a batch with samples {labels} ...; "
+            f"loss became {loss.detach().item()} at step {step} on a batch with samples "
+            f"{labels} ...; "
             f"{where}. Lower training.lr, check the data for extreme values, or set "
             "training.on_nonfinite: skip to skip such batches.")
 
