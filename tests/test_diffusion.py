@@ -46,19 +46,26 @@ def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-# Gaussian data x0 ~ N(MU, SD^2) independently per pixel of a (1, 4, 4) field.
+class Gaussian:
+    """Data x0 ~ N(mu, sd^2) independently per pixel of a (C, H, W) field, and its optimal
+    denoiser E[x0 | x0 + sigma eps = x] = mu + sd^2 / (sd^2 + sigma^2) (x - mu)."""
+
+    def __init__(self, mu: torch.Tensor, sd: torch.Tensor):
+        self.mu, self.sd = mu.double(), sd.double()  # (1, C, H, W)
+
+    def denoiser(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        s2 = sigma.double().reshape(-1, 1, 1, 1) ** 2
+        return (self.mu + self.sd**2 / (self.sd**2 + s2) * (x.double() - self.mu)).to(x.dtype)
+
+    def data(self, n: int, seed: int) -> torch.Tensor:
+        z = torch.randn(n, *self.mu.shape[1:], generator=gen(seed), dtype=torch.float64)
+        return (self.mu + self.sd * z).float()
+
+
 MU = torch.linspace(-0.3, 0.3, 16, dtype=torch.float64).reshape(1, 1, 4, 4)
 SD = torch.linspace(0.3, 0.1, 16, dtype=torch.float64).reshape(1, 1, 4, 4)
-
-
-def gaussian_denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """The optimal denoiser E[x0 | x0 + sigma eps = x] = MU + SD^2 / (SD^2 + sigma^2) (x - MU)."""
-    s2 = sigma.double().reshape(-1, 1, 1, 1) ** 2
-    return (MU + SD**2 / (SD**2 + s2) * (x.double() - MU)).to(x.dtype)
-
-
-def gaussian_data(n: int, seed: int) -> torch.Tensor:
-    return (MU + SD * torch.randn(n, 1, 4, 4, generator=gen(seed), dtype=torch.float64)).float()
+GAUSS = Gaussian(MU, SD)
+gaussian_denoiser = GAUSS.denoiser
 
 
 # -- schedules ---------------------------------------------------------------------------
@@ -249,11 +256,11 @@ def test_ddpm_loss_draws_reproducibly_and_ignores_nan_pixels():
 
 
 class OptimalDDPMNet(nn.Module):
-    """The Bayes-optimal eps / v / x0 network for x0 ~ N(mu, sd^2) per pixel at integer t."""
+    """The Bayes-optimal eps / v / x0 network for Gaussian data, at any timestep label."""
 
-    def __init__(self, schedule: Schedule, prediction: str, mu, sd):
+    def __init__(self, schedule: Schedule, prediction: str, gauss: Gaussian = GAUSS):
         super().__init__()
-        self.schedule, self.prediction, self.mu, self.sd = schedule, prediction, mu, sd
+        self.schedule, self.prediction, self.gauss = schedule, prediction, gauss
 
     def forward(self, x, noise_label, cond=None, cond_drop=None):
         # continuous label -> log sigma by interpolation over the schedule (as DDPMDenoiser)
@@ -261,7 +268,7 @@ class OptimalDDPMNet(nn.Module):
                                              np.arange(self.schedule.timesteps),
                                              self.schedule.sigmas.log().numpy()))
         a = (1 / (1 + log_sig.exp() ** 2)).reshape(-1, 1, 1, 1)
-        xt, mu, var = x.double(), self.mu, self.sd**2
+        xt, mu, var = x.double(), self.gauss.mu, self.gauss.sd**2
         x0 = mu + a.sqrt() * var / (a * var + 1 - a) * (xt - a.sqrt() * mu)
         eps = (xt - a.sqrt() * x0) / (1 - a).sqrt()
         out = {"eps": eps, "x0": x0, "v": a.sqrt() * eps - (1 - a).sqrt() * x0}
@@ -274,9 +281,9 @@ def test_ddpm_loss_of_the_optimal_network_is_analytic(prediction):
     eps: a s^2 / d, x0: s^2 (1 - a) / d, v: s^2 / d."""
     s = make_schedule("cosine", 100)
     n = 4000
-    x0 = gaussian_data(n, 3)
+    x0 = GAUSS.data(n, 3)
     t = torch.randint(0, 100, (n,), generator=gen(4))
-    net = OptimalDDPMNet(s, prediction, MU, SD)
+    net = OptimalDDPMNet(s, prediction)
     loss = ddpm_loss(net, s, x0, torch.ones_like(x0), prediction=prediction, generator=gen(5),
                      t=t)
     a = s.alpha_bar[t].reshape(-1, 1, 1, 1)
@@ -314,7 +321,7 @@ def test_ddpm_denoiser_label_interpolation_and_inputs():
 @pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
 def test_ddpm_denoiser_of_optimal_network_is_the_optimal_denoiser(prediction):
     s = make_schedule("cosine", 1000)
-    den = DDPMDenoiser(OptimalDDPMNet(s, prediction, MU, SD), s, prediction)
+    den = DDPMDenoiser(OptimalDDPMNet(s, prediction), s, prediction)
     x = torch.randn(8, 1, 4, 4, generator=gen(0)) * 3
     sigma = torch.logspace(-1.5, 1.5, 8)
     torch.testing.assert_close(den(x, sigma), gaussian_denoiser(x, sigma), rtol=1e-4,
@@ -355,7 +362,7 @@ def _closed_form_diffusion_bits(s: Schedule, x0: torch.Tensor, variance: str) ->
 @pytest.mark.parametrize("variance", ["beta_tilde", "beta"])
 def test_vlb_terms_match_closed_form_for_gaussian_data(variance):
     s = make_schedule("linear", 200)
-    x0 = gaussian_data(300, 0)
+    x0 = GAUSS.data(300, 0)
     terms = vlb_bits_per_dim(gaussian_denoiser, s, x0, generator=gen(1), variance=variance,
                              return_terms=True)
     # per-field differences are independent with mean 0: 5 SE
@@ -377,7 +384,7 @@ def test_vlb_of_optimal_denoiser_approaches_true_nll(kind):
     too small near the data for continuous data and loses ~0.6 bits/dim more (the sum of
     KL(N(beta) || N(beta_tilde)) ~ sum_t 1 / (4 t^2))."""
     s = make_schedule(kind, 1000)
-    x0 = gaussian_data(300, 2)
+    x0 = GAUSS.data(300, 2)
     true = discretized_gaussian_nll(x0.double(), MU.expand_as(x0), (SD**2).expand_as(x0),
                                     2 / 255).flatten(1).mean(1) / math.log(2)
     gaps = {}
@@ -393,7 +400,7 @@ def test_vlb_of_optimal_denoiser_approaches_true_nll(kind):
 
 def test_vlb_timestep_subset_is_unbiased_and_cheaper():
     s = make_schedule("linear", 200)
-    x0 = gaussian_data(100, 4)
+    x0 = GAUSS.data(100, 4)
     calls = []
 
     def counted(x, sigma):
@@ -450,16 +457,16 @@ class OptimalEDMNet(nn.Module):
     """F such that EDMPrecond(F) is the optimal Gaussian denoiser: sigma = exp(4 c_noise),
     x = x_in / c_in, F = (D*(x, sigma) - c_skip x) / c_out."""
 
-    def __init__(self, sigma_data: float):
+    def __init__(self, sigma_data: float, gauss: Gaussian = GAUSS):
         super().__init__()
-        self.sd = sigma_data
+        self.sd, self.gauss = sigma_data, gauss
 
     def forward(self, x_in, c_noise, cond=None, cond_drop=None):
         sigma = (4 * c_noise.double()).exp().reshape(-1, 1, 1, 1)
         x = x_in[:, :1].double() * (sigma**2 + self.sd**2).sqrt()
         c_skip = self.sd**2 / (sigma**2 + self.sd**2)
         c_out = sigma * self.sd / (sigma**2 + self.sd**2).sqrt()
-        return ((gaussian_denoiser(x, sigma.flatten()) - c_skip * x) / c_out).float()
+        return ((self.gauss.denoiser(x, sigma.flatten()) - c_skip * x) / c_out).float()
 
 
 def test_edm_precond_table1_coefficients_and_inputs():
@@ -492,7 +499,7 @@ def test_edm_loss_of_optimal_denoiser_is_analytic(sigma_data):
     """lambda E[(D* - x0)^2] = (sigma^2 + sd^2) / (sigma sd)^2 * s^2 sigma^2 / (s^2 + sigma^2)
     per pixel of data variance s^2 (exactly 1 when sd = s)."""
     n = 3000
-    x0 = gaussian_data(n, 7)
+    x0 = GAUSS.data(n, 7)
     sigma = torch.exp(-1.2 + 1.2 * torch.randn(n, generator=gen(8)))
     loss = edm_loss(EDMPrecond(OptimalEDMNet(sigma_data), sigma_data), x0, torch.ones_like(x0),
                     generator=gen(9), sigma=sigma)
