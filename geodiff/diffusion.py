@@ -191,9 +191,10 @@ def _clean(x0: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
     return torch.where(finite, x0, 0.0), torch.broadcast_to(weight, x0.shape) * finite
 
 
-def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    dev = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, device=dev, dtype=x.dtype).to(x.device)
+def _randn_like(x: Tensor, generator: torch.Generator) -> Tensor:
+    """Unit Gaussian noise like ``x``, drawn on the generator's device, moved to ``x``'s."""
+    return torch.randn(x.shape, generator=generator, device=generator.device,
+                       dtype=x.dtype).to(x.device)
 
 
 def _net_input(x: Tensor, fields: Tensor | None) -> Tensor:
