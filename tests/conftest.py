@@ -12,3 +12,9 @@ if str(ROOT) not in sys.path:
 
 # Never reach the network for coastlines or data; matplotlib without a display.
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+import torch  # noqa: E402
+
+# Tests use tiny tensors: one intra-op thread is faster than two fighting for 2 cores, and
+# it keeps in-process and subprocess (OMP_NUM_THREADS=1) runs numerically identical.
+torch.set_num_threads(1)

@@ -1,0 +1,211 @@
+"""Ensembles out: labelled CF files in the source's conventions, streamed, resumable after
+SIGKILL, sharded under torchrun, gap filling, and clear errors before any work."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from geodiff import checkpoint as ckpt
+from geodiff.ensemble import generate_ensemble
+from geodiff.gapfill import fill_gaps
+from geodiff.pipeline import load_model
+from geodiff.train import train
+from tests.toy import toy_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+CONDITIONS = {"time": None}  # filled by the fixture with held-out times
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ens")
+    recipe = toy_recipe(tmp, training={"steps": 6, "checkpoint_every": 6})
+    result = train(recipe, tmp / "run", progress=False)
+    source = xr.open_dataset(tmp / "toy.nc")
+    held_out = source.isel(time=[5, 15, 25])  # years 1905, 1915, 1925
+    return {"run": result.run_dir, "source": source, "held_out": held_out, "tmp": tmp}
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def test_in_memory_ensemble_is_labelled_in_source_conventions(trained):
+    ds = generate_ensemble(trained["run"], 3, trained["held_out"], seed=1, progress=False)
+    src = trained["source"]
+    assert ds["tas"].dims == ("member", "time", "latitude", "longitude")
+    np.testing.assert_array_equal(ds["latitude"].values, src["latitude"].values)  # descending
+    np.testing.assert_array_equal(ds["longitude"].values, src["longitude"].values)  # -180..180
+    np.testing.assert_array_equal(ds["time"].values, trained["held_out"]["time"].values)
+    assert ds["member"].attrs["standard_name"] == "realization"
+    assert ds["tas"].attrs["units"] == "K"
+    assert ds["tas"].attrs["standard_name"] == "air_temperature"
+    for key in ("Conventions", "history", "source", "geodiff_checkpoint_sha256",
+                "geodiff_sampler", "geodiff_steps", "geodiff_seed"):
+        assert key in ds.attrs, key
+    assert ds.attrs["Conventions"] == "CF-1.10"
+    # land (NaN in every source field) is NaN again, sea is finite and physical
+    land = src["tas"].isnull().all("time")
+    assert bool(ds["tas"].where(land).isnull().all())
+    sea = ds["tas"].where(~land)
+    assert float(sea.min()) > 200 and float(sea.max()) < 350
+
+
+def test_member_is_identical_whatever_ensemble_and_batch_size(trained):
+    """Same batch size: bit-identical whatever the ensemble size.  Another batch size changes
+    only the BLAS summation order inside the network: equal to float32 round-off."""
+    a = generate_ensemble(trained["run"], 4, trained["held_out"], seed=7, batch_size=3,
+                          progress=False)
+    b = generate_ensemble(trained["run"], 2, trained["held_out"], seed=7, batch_size=3,
+                          progress=False)
+    np.testing.assert_array_equal(a["tas"].isel(member=[0, 1]).values, b["tas"].values)
+    d = generate_ensemble(trained["run"], 2, trained["held_out"], seed=7, batch_size=1,
+                          progress=False)
+    np.testing.assert_allclose(d["tas"].values, b["tas"].values, rtol=1e-6, equal_nan=True)
+    c = generate_ensemble(trained["run"], 2, trained["held_out"], seed=8, progress=False)
+    assert not np.allclose(c["tas"].values, b["tas"].values, equal_nan=True)
+
+
+@pytest.mark.parametrize("suffix", [".nc", ".zarr"])
+def test_file_output_equals_in_memory_and_is_atomic(trained, tmp_path, suffix):
+    out = tmp_path / f"ens{suffix}"
+    mem = generate_ensemble(trained["run"], 3, trained["held_out"], seed=2, progress=False)
+    path = generate_ensemble(trained["run"], 3, trained["held_out"], seed=2, out=out,
+                             batch_size=2, progress=False)
+    assert path == out and out.exists()
+    assert not list(tmp_path.glob("*.partial*"))
+    disk = xr.open_zarr(out) if suffix == ".zarr" else xr.open_dataset(out)
+    np.testing.assert_array_equal(disk["tas"].values, mem["tas"].values)
+    assert disk["tas"].attrs["units"] == "K"
+    assert disk.attrs["geodiff_seed"] == 2
+    if suffix == ".nc":
+        enc = disk["tas"].encoding
+        assert enc["zlib"] and enc["chunksizes"][0] == 1
+
+
+def test_generation_killed_midway_resumes_to_identical_file(trained, tmp_path):
+    """SIGKILL a `geodiff generate` once some members are on disk; running the same command
+    again continues from them and produces the uninterrupted result exactly."""
+    held = trained["held_out"]
+    cond = tmp_path / "cond.nc"
+    held.to_netcdf(cond)
+    out = tmp_path / "ens.nc"
+    cmd = [sys.executable, "-m", "geodiff", "generate", str(trained["run"]), "--members", "24",
+           "--batch-size", "3", "--seed", "3", "--conditions", str(cond), "--out", str(out),
+           "--device", "cpu"]
+    proc = subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    ledger = out.with_name("ens.nc.partial.progress-r0.json")
+    deadline = time.time() + 300
+    while not ledger.exists() and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists(), "the final name must not appear before completion"
+    assert out.with_name("ens.nc.partial").exists()
+    again = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    ref_out = tmp_path / "ref.nc"
+    ref_cmd = [*cmd[:-3], str(ref_out), "--device", "cpu"]
+    ref = subprocess.run(ref_cmd, env=_env(), cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    np.testing.assert_array_equal(xr.open_dataset(out)["tas"].values,
+                                  xr.open_dataset(ref_out)["tas"].values)
+
+
+def test_torchrun_two_ranks_write_one_zarr_identical_to_single_process(trained, tmp_path):
+    held = trained["held_out"]
+    cond = tmp_path / "cond.nc"
+    held.to_netcdf(cond)
+    out = tmp_path / "ens.zarr"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--master_port=29518", "-m", "geodiff", "generate", str(trained["run"]),
+           "--members", "5", "--batch-size", "3", "--seed", "4", "--conditions", str(cond),
+           "--out", str(out), "--device", "cpu"]
+    res = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    single = subprocess.run([sys.executable, *cmd[5:-3], str(tmp_path / "one.zarr"), "--device",
+                             "cpu"], env=_env(), cwd=ROOT, capture_output=True, text=True,
+                            timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    np.testing.assert_array_equal(xr.open_zarr(out)["tas"].values,
+                                  xr.open_zarr(tmp_path / "one.zarr")["tas"].values)
+
+
+def test_gap_filling_keeps_observed_pixels_and_land(trained):
+    obs = trained["held_out"].isel(time=[0, 1]).copy(deep=True)
+    rng = np.random.default_rng(0)
+    gaps = rng.random(obs["tas"].shape) < 0.3
+    obs["tas"] = obs["tas"].where(~gaps)
+    filled = fill_gaps(trained["run"], obs, members=3, steps=3, resample=2, progress=False)
+    assert filled["tas"].dims == ("member", "time", "latitude", "longitude")
+    seen = obs["tas"].notnull()
+    np.testing.assert_array_equal(filled["tas"].where(seen).isel(member=0).values,
+                                  obs["tas"].where(seen).values)
+    land = trained["source"]["tas"].isnull().all("time")
+    assert bool(filled["tas"].where(land).isnull().all())
+    holes = (~seen) & (~land)
+    assert bool(filled["tas"].where(holes).notnull().sum() == 3 * int(holes.sum()))
+    # members differ in the gaps, agree on observed pixels
+    spread = filled["tas"].std("member")
+    assert float(spread.where(holes).mean()) > 0
+    assert float(spread.where(seen).max()) == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "fragment"),
+    [
+        ({"members": 0}, ValueError, "members=0"),
+        ({"sampler": "euler"}, ValueError, "choose one of"),
+        ({"conditions": {"time": ["2500-06-01"]}}, ValueError, "year"),
+    ],
+)
+def test_bad_requests_fail_before_any_work(trained, tmp_path, kwargs, exc, fragment):
+    args = {"members": 2, "conditions": trained["held_out"], **kwargs}
+    if isinstance(args["conditions"], dict):
+        import cftime
+
+        args["conditions"] = {"time": [cftime.Datetime360Day(2500, 6, 1)]}
+    with pytest.raises(exc, match=fragment):
+        generate_ensemble(trained["run"], args.pop("members"), args.pop("conditions"),
+                          out=tmp_path / "x.nc", progress=False, **args)
+    assert not list(tmp_path.iterdir())
+
+
+def test_existing_output_is_refused_unless_overwrite(trained, tmp_path):
+    out = tmp_path / "ens.nc"
+    out.write_text("not an ensemble")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        generate_ensemble(trained["run"], 1, trained["held_out"], out=out, progress=False)
+    assert out.read_text() == "not an ensemble"
+    generate_ensemble(trained["run"], 1, trained["held_out"], out=out, overwrite=True,
+                      progress=False)
+    assert xr.open_dataset(out).sizes["member"] == 1
+
+
+def test_unconditional_request_on_conditional_model_is_explained(trained):
+    with pytest.raises(ValueError, match="pass conditions"):
+        generate_ensemble(trained["run"], 1, None, progress=False)
+
+
+def test_checkpoint_alone_is_enough(trained, tmp_path):
+    """Generation reads only the checkpoint: the training data can be gone."""
+    model = load_model(ckpt.latest_checkpoint(trained["run"]))
+    assert model.channel_names == ["tas"]
+    ds = generate_ensemble(model, 1, {"time": trained["held_out"]["time"].values[:1]},
+                           progress=False)
+    assert ds.sizes["member"] == 1 and ds.sizes["time"] == 1
