@@ -20,6 +20,7 @@ Dhariwal & Nichol (2021, "Diffusion Models Beat GANs on Image Synthesis", sec. 3
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -81,15 +82,15 @@ class LatLonPad(nn.Module):
         lon = 0 if self.topology.periodic_lon else self.pad
         return lat, lon
 
-    def explicit(self, x: Tensor) -> Tensor:
+    def explicit(self, x: Tensor, silu: bool = False) -> Tensor:
         """The non-zero (circular / cross-pole) part of the padding of ``x`` ``(B, C, H, W)``.
 
         ``(B, C, H + 2 ph, W + 2 pad)`` with ``ph = pad`` under pole padding, else 0; ``x``
-        itself on a regional grid.
+        itself on a regional grid. With ``silu``, of ``silu(x)`` (computed in the same pass).
         """
         p = self.pad
         if p == 0 or not self.topology.periodic_lon:
-            return x
+            return F.silu(x) if silu else x
         w = x.shape[-1]
         if w < p:
             raise ValueError(f"circular padding of {p} columns needs W >= {p}, got W={w}")
@@ -100,69 +101,85 @@ class LatLonPad(nn.Module):
             raise ValueError(f"pole padding needs an even number of longitudes, got W={w} (at "
                              "this resolution level); use an even W divisible by "
                              "2**len(channels)")
-        return _SpherePad.apply(x, p, pole)
+        return _SpherePad.apply(x, p, pole, silu)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``x`` ``(B, C, H, W)`` padded to ``(B, C, H + 2 pad, W + 2 pad)``."""
+    def forward(self, x: Tensor, silu: bool = False) -> Tensor:
+        """``x`` (or ``silu(x)``) ``(B, C, H, W)`` padded to ``(B, C, H + 2 pad, W + 2 pad)``."""
         lat, lon = self.implicit
-        return F.pad(self.explicit(x), (lon, lon, lat, lat))
+        return F.pad(self.explicit(x, silu), (lon, lon, lat, lat))
 
     def extra_repr(self) -> str:
         return (f"pad={self.pad}, periodic_lon={self.topology.periodic_lon}, "
                 f"pole_padding={self.topology.pole_padding}")
 
 
-class _SpherePad(torch.autograd.Function):
-    """Circular longitude (and cross-pole latitude) padding with a hand-written backward.
+@functools.lru_cache(maxsize=256)
+def _halo_index(h: int, w: int, p: int, pole: bool, device: torch.device
+                ) -> tuple[Tensor, Tensor, Tensor]:
+    """Where each halo cell of the padded grid comes from.
 
-    Forward writes ``x`` and its halos into one preallocated tensor by slice copies
-    (concatenating along the contiguous longitude axis is an order of magnitude slower on
-    CPU); backward folds the halo gradients back onto the cells they were copied from. Each
-    direction costs one copy of the tensor, as zero padding does, where autograd through the
-    slice assignments would clone the full gradient once per assignment.
+    Returns flat indices ``(dst, src, src_x)`` into the padded grid ``(H + 2 ph) x (W + 2 p)``
+    (``ph = p`` with pole padding, else 0) and into the unpadded ``H x W`` grid: padded cell
+    ``dst[k]`` is a copy of padded cell ``src[k]``, which is interior cell ``src_x[k]``.
+    """
+    ph = p if pole else 0
+    rows = torch.arange(-ph, h + ph)[:, None].expand(-1, w + 2 * p)        # (H+2ph, W+2p)
+    cols = torch.arange(-p, w + p)[None, :].expand(h + 2 * ph, -1)
+    across = (rows < 0) | (rows >= h)
+    # a row r beyond a pole is row -1-r (south) or 2h-1-r (north) seen from lon + 180 deg
+    src_row = torch.where(rows < 0, -1 - rows, torch.where(rows >= h, 2 * h - 1 - rows, rows))
+    src_col = torch.where(across, cols + w // 2, cols) % w
+    halo = ((rows < 0) | (rows >= h) | (cols < 0) | (cols >= w)).flatten()
+    dst = torch.arange(halo.numel())[halo]
+    src_x = (src_row * w + src_col).flatten()[halo]
+    src = (src_x // w + ph) * (w + 2 * p) + src_x % w + p
+    return dst.to(device), src.to(device), src_x.to(device)
+
+
+class _SpherePad(torch.autograd.Function):
+    """Circular longitude (and cross-pole latitude) padding of ``x`` or of ``silu(x)``.
+
+    Forward writes the interior into a preallocated tensor (computing ``silu`` straight into
+    it, so the padding costs no extra pass) and fills all halo cells with one gather and one
+    scatter of precomputed indices (:func:`_halo_index`); backward adds the halo gradients
+    onto the cells they were copied from with one ``index_add_``. A handful of operations
+    per call whatever the grid, where slice assignments need dozens (and autograd through them
+    would clone the whole gradient once per assignment).
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, p: int, pole: bool) -> Tensor:
-        ctx.p, ctx.pole = p, pole
+    def forward(ctx, x: Tensor, p: int, pole: bool, silu: bool) -> Tensor:
+        ctx.p, ctx.pole, ctx.silu = p, pole, silu
+        if silu:
+            ctx.save_for_backward(x)
         *lead, h, w = x.shape
-        ph, half = (p if pole else 0), w // 2
+        ph = p if pole else 0
+        dst, src, _ = _halo_index(h, w, p, pole, x.device)
         out = x.new_empty(*lead, h + 2 * ph, w + 2 * p)                  # (B, C, H+2ph, W+2p)
-        out[..., ph:ph + h, p:p + w] = x
-        for r in range(ph):
-            # row r beyond a pole is row r inside it seen from lon + 180 deg, i.e. rolled by
-            # W/2: column j of the rolled row is column j + W/2 of the original, mod W
-            south, north = out[..., p - 1 - r, :], out[..., ph + h + r, :]  # (B, C, W+2p)
-            south[..., p:p + half], south[..., p + half:p + w] = x[..., r, half:], x[..., r, :half]
-            north[..., p:p + half] = x[..., h - 1 - r, half:]
-            north[..., p + half:p + w] = x[..., h - 1 - r, :half]
-        out[..., :p] = out[..., w:w + p]              # west halo = easternmost columns
-        out[..., p + w:] = out[..., p:2 * p]          # east halo = westernmost columns
+        core = out[..., ph:ph + h, p:p + w]                               # (B, C, H, W) view
+        if silu:
+            torch.ops.aten.silu.out(x, out=core)
+        else:
+            core.copy_(x)
+        flat = out.view(*lead, -1)                                        # (B, C, cells)
+        flat.index_copy_(-1, dst, flat.index_select(-1, src))
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
-        p, pole = ctx.p, ctx.pole
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        p, pole, silu = ctx.p, ctx.pole, ctx.silu
         ph = p if pole else 0
-        h, w = grad.shape[-2] - 2 * ph, grad.shape[-1] - 2 * p
-        half = w // 2
-
-        def fold_lon(rows: slice) -> Tensor:
-            g = grad[..., rows, p:p + w].clone()                          # (B, C, rows, W)
-            g[..., w - p:] += grad[..., rows, :p]
-            g[..., :p] += grad[..., rows, p + w:]
-            return g
-
-        grad_x = fold_lon(slice(ph, ph + h))                              # (B, C, H, W)
-        if pole:
-            south = fold_lon(slice(0, p)).flip(-2)                        # (B, C, p, W)
-            north = fold_lon(slice(ph + h, None)).flip(-2)                # (B, C, p, W)
-            grad_x[..., :p, half:] += south[..., :half]
-            grad_x[..., :p, :half] += south[..., half:]
-            grad_x[..., h - p:, half:] += north[..., :half]
-            grad_x[..., h - p:, :half] += north[..., half:]
-        return grad_x, None, None
+        *lead, hp, wp = grad.shape
+        h, w = hp - 2 * ph, wp - 2 * p
+        dst, _, src_x = _halo_index(h, w, p, pole, grad.device)
+        grad_x = grad[..., ph:ph + h, p:p + w].contiguous()              # (B, C, H, W) copy
+        halo = grad.reshape(*lead, -1).index_select(-1, dst)             # (B, C, halo cells)
+        grad_x.view(*lead, -1).index_add_(-1, src_x, halo)
+        if silu:
+            torch.ops.aten.silu_backward.grad_input(grad_x, ctx.saved_tensors[0],
+                                                    grad_input=grad_x)
+        return grad_x, None, None, None
 
 
 class LatLonConv2d(nn.Conv2d):
@@ -182,9 +199,12 @@ class LatLonConv2d(nn.Conv2d):
                          bias=bias)
         self.pad = LatLonPad(kernel_size // 2, topology)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Convolve ``x`` ``(B, C_in, H, W)`` -> ``(B, C_out, H', W')``."""
-        return F.conv2d(self.pad.explicit(x), self.weight, self.bias, self.stride,
+    def forward(self, x: Tensor, silu: bool = False) -> Tensor:
+        """Convolve ``x`` ``(B, C_in, H, W)`` -> ``(B, C_out, H', W')``.
+
+        ``silu=True`` convolves ``silu(x)`` instead, the activation fused with the padding.
+        """
+        return F.conv2d(self.pad.explicit(x, silu), self.weight, self.bias, self.stride,
                         self.pad.implicit)
 
 
@@ -301,14 +321,17 @@ class ResBlock(nn.Module):
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         """``x`` ``(B, C_in, H, W)``, ``emb`` ``(B, emb_dim)`` -> ``(B, C_out, H, W)``."""
-        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv1(self.norm1(x), silu=True)
         e = self.emb_proj(F.silu(emb))[:, :, None, None]                    # (B, C', 1, 1)
         if self.scale_shift:
             scale, shift = e.chunk(2, dim=1)                                # (B, C_out, 1, 1)
             h = self.norm2(h) * (1 + scale) + shift
         else:
             h = self.norm2(h + e)
-        h = self.conv2(self.dropout(F.silu(h)))
+        if self.dropout.p > 0 and self.training:
+            h = self.conv2(self.dropout(F.silu(h)))
+        else:
+            h = self.conv2(h, silu=True)
         return self.skip(x) + h
 
 

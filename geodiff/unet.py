@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from geodiff.nn import (
@@ -212,7 +211,7 @@ class LatLonUNet(nn.Module):
                 h = attn(block(torch.cat([h, skips.pop()], dim=1), emb))   # (B, C+C_skip, .)
             if i < len(self.upsamples):
                 h = self.upsamples[i](h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(self.norm_out(h), silu=True)
 
     def _check_inputs(self, x: Tensor, noise_label: Tensor, cond: Tensor | None,
                       cond_drop: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None]:

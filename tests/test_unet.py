@@ -35,6 +35,15 @@ def randn(*shape: int, seed: int = 1) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
+def reference_sphere_pad(x: torch.Tensor, p: int) -> torch.Tensor:
+    """Pole + circular padding written plainly (flip, roll, cat), independent of geodiff."""
+    half = x.shape[-1] // 2
+    south = x[..., :p, :].flip(-2).roll(half, dims=-1)   # nearest the pole last
+    north = x[..., -p:, :].flip(-2).roll(half, dims=-1)
+    rows = torch.cat([south, x, north], dim=-2)
+    return torch.cat([rows[..., -p:], rows, rows[..., :p]], dim=-1)
+
+
 # ---------------------------------------------------------------------------------------
 # padding
 
@@ -67,6 +76,16 @@ def test_pole_rows_are_rolled_rows(pad: int) -> None:
     assert torch.equal(y[..., pad + 8:], y[..., pad:2 * pad])
 
 
+@pytest.mark.parametrize("pad", [1, 2])
+@pytest.mark.parametrize("silu", [False, True])
+def test_pole_padding_matches_reference(pad: int, silu: bool) -> None:
+    x = randn(3, 2, 6, 10)
+    expected = reference_sphere_pad(F.silu(x) if silu else x, pad)
+    # exact copies; the fused SiLU may differ from F.silu by one float32 rounding
+    torch.testing.assert_close(LatLonPad(pad, GLOBAL)(x, silu=silu), expected, rtol=0,
+                               atol=1e-6)
+
+
 def test_periodic_and_regional_padding() -> None:
     x = randn(1, 2, 4, 6)
     periodic = LatLonPad(1, PERIODIC)(x)
@@ -79,9 +98,10 @@ def test_periodic_and_regional_padding() -> None:
 
 @pytest.mark.parametrize("topology", [GLOBAL, PERIODIC])
 @pytest.mark.parametrize("pad", [1, 2])
-def test_padding_gradient(topology: GridTopology, pad: int) -> None:
+@pytest.mark.parametrize("silu", [False, True])
+def test_padding_gradient(topology: GridTopology, pad: int, silu: bool) -> None:
     x = randn(2, 2, 4, 6).double().requires_grad_()
-    assert torch.autograd.gradcheck(LatLonPad(pad, topology), (x,))
+    assert torch.autograd.gradcheck(lambda t: LatLonPad(pad, topology)(t, silu=silu), (x,))
 
 
 def test_padding_errors() -> None:
@@ -116,12 +136,15 @@ def test_every_conv_of_a_global_net_pads_across_lon_and_poles() -> None:
     # every conv's output in a real forward pass is the conv of its sphere-padded input
     checked = []
 
-    def check(conv: LatLonConv2d, inputs: tuple[torch.Tensor], out: torch.Tensor) -> None:
-        ref = F.conv2d(conv.pad(inputs[0]), conv.weight, conv.bias, conv.stride)
+    def check(conv: LatLonConv2d, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
+        x = F.silu(args[0]) if kwargs.get("silu", False) else args[0]
+        p = conv.kernel_size[0] // 2
+        padded = reference_sphere_pad(x, p) if p else x
+        ref = F.conv2d(padded, conv.weight, conv.bias, conv.stride)
         torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
         checked.append(conv)
 
-    hooks = [m.register_forward_hook(check) for m in convs]
+    hooks = [m.register_forward_hook(check, with_kwargs=True) for m in convs]
     with torch.no_grad():
         net(randn(2, 3, 8, 16), torch.tensor([3.0, 500.0]))
     for h in hooks:
