@@ -406,11 +406,14 @@ class FieldDataset(torch.utils.data.Dataset):
                                                        "conditioning.fields")
         self._lat_idx = padding.lat_index(self._n_lat)
         self._lon_idx = padding.lon_index(self._n_lon)
+        self._rows = slice(padding.lat_before, padding.lat_before + self._n_lat)
+        self._cols = slice(padding.lon_before, padding.lon_before + self._n_lon)
         n_bytes = 4 * self._n * self._n_lat * self._n_lon * (len(self.channel_names)
                                                               + len(cond_names))
         self.in_memory = n_bytes <= memory_budget_gb * 1e9
         if self.in_memory:
             self._data = _load_channels(arrays, self._n)
+            self._nan_samples = _nan_rows(self._data)  # (N,)
             self._cond_data = _load_channels(cond_arrays, self._n) if cond_arrays else None
         self._arrays, self._cond_arrays = arrays, cond_arrays
         if with_mask is None:
@@ -421,6 +424,10 @@ class FieldDataset(torch.utils.data.Dataset):
         self._coord_fields = (self._coord_channels(ds_scaled) if cond_config.coord_channels
                               else np.zeros((0, *self._padded_shape), np.float32))
         self._static_fields, static_names = self._static(ds_scaled, static)
+        self._fields_t = torch.from_numpy(np.concatenate([self._coord_fields,
+                                                          self._static_fields]))  # (4 + S, ...)
+        self._weight_t = torch.from_numpy(np.broadcast_to(
+            self._weight_base, (len(self.channel_names), *self._padded_shape)).copy())
         self.field_names = (["sin_lat", "cos_lat", "sin_lon", "cos_lon"]
                             * cond_config.coord_channels + ["mask"] * self.with_mask
                             + static_names + cond_names)
@@ -445,50 +452,74 @@ class FieldDataset(torch.utils.data.Dataset):
                 for name, (dims, values) in self._coords.items()}
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return self.__getitems__([i])[0]
+        return {k: v.clone() for k, v in self.__getitems__([i])[0].items()}
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, torch.Tensor]]:
+        """Items of a whole batch, read in one go (``DataLoader`` calls this).
+
+        Per-sample tensors are views of one ``(B, ...)`` tensor (in shared memory inside
+        DataLoader workers) and parts equal for every sample (the weight when no pixel is
+        NaN, coordinate and static fields) are one shared tensor, so :func:`collate` batches
+        without copying; do not modify items in place.
+        """
         idx = np.array([self._check_index(int(i)) for i in indices], dtype=np.int64)
-        block, cond_block = self._read(idx)  # (B, C, H, W), (B, Fc, H, W) with NaNs
-        valid = ~np.isnan(block)
-        x = self._pad(np.where(valid, block, np.float32(0)))  # (B, C, H+, W+)
-        weight = self._weight_base * self._zero_pad(valid)  # (B, C, H+, W+)
-        fields = [np.broadcast_to(self._coord_fields, (len(idx), *self._coord_fields.shape))]
-        if self.with_mask:
-            fields.append(self._zero_pad(valid.all(axis=1, keepdims=True)))
-        if self._static_fields is not None:
-            fields.append(np.broadcast_to(self._static_fields,
-                                          (len(idx), *self._static_fields.shape)))
-        if cond_block is not None:
-            fields.append(self._pad(np.nan_to_num(cond_block, nan=0.0)))
-        f = np.concatenate(fields, axis=1).astype(np.float32)  # (B, F, H+, W+)
-        return [{"x": torch.from_numpy(x[b]), "weight": torch.from_numpy(weight[b]),
-                 "fields": torch.from_numpy(f[b]), "cond": torch.from_numpy(self._cond[i]),
-                 "index": torch.tensor(i, dtype=torch.int64)} for b, i in enumerate(idx)]
+        b, (h_p, w_p) = len(idx), self._padded_shape
+        x = _batch_tensor((b, len(self.channel_names), h_p, w_p))
+        has_nan, cond_block = self._read_into(idx, x.numpy())
+        weight = fields = None
+        if has_nan:
+            interior = x.numpy()[..., self._rows, self._cols]
+            invalid = np.isnan(interior)  # (B, C, H, W)
+            x.numpy()[np.isnan(x.numpy())] = 0.0
+            weight = _batch_tensor(tuple(x.shape), zero=True)  # (B, C, H+, W+)
+            np.multiply(self._weight_base[self._rows, self._cols], ~invalid,
+                        out=weight.numpy()[..., self._rows, self._cols])
+        if self.with_mask or cond_block is not None:
+            fields = _batch_tensor((b, self.n_fields, h_p, w_p), zero=True)  # (B, F, H+, W+)
+            f, n_coord = fields.numpy(), len(self._coord_fields)
+            f[:, :n_coord] = self._coord_fields
+            k = n_coord
+            if self.with_mask:
+                f[:, k, self._rows, self._cols] = ~invalid.any(axis=1) if has_nan else 1.0
+                k += 1
+            f[:, k:k + len(self._static_fields)] = self._static_fields
+            k += len(self._static_fields)
+            if cond_block is not None:
+                self._pad(np.nan_to_num(cond_block, nan=0.0), out=f[:, k:])
+        cond = torch.from_numpy(self._cond[idx])  # (B, K)
+        return [{"x": x[j], "weight": self._weight_t if weight is None else weight[j],
+                 "fields": self._fields_t if fields is None else fields[j], "cond": cond[j],
+                 "index": torch.tensor(i, dtype=torch.int64)} for j, i in enumerate(idx)]
 
     # -- reading -----------------------------------------------------------------------------
-    def _read(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    def _read_into(self, idx: np.ndarray, out: np.ndarray) -> tuple[bool, np.ndarray | None]:
+        """Write samples ``idx`` padded into ``out`` ``(B, C, H+, W+)``; NaNs kept.
+
+        Returns whether any of them has a NaN and the ``(B, Fc, H, W)`` condition fields.
+        """
         if self.in_memory:
-            return self._data[idx], (self._cond_data[idx] if self._cond_data is not None
-                                     else None)
-        order = np.argsort(idx, kind="stable")
-        pos = np.unravel_index(idx[order], self._sample_shape)
-        sel = {d: xr.DataArray(p, dims=_SAMPLE) for d, p in zip(self.sample_dims, pos,
-                                                                  strict=True)}
-        picked = [a.isel(sel).data for a in self._arrays + self._cond_arrays]
+            for j, i in enumerate(idx):  # one contiguous copy per sample (faster than take)
+                self._pad(self._data[i], out=out[j])
+            cond = self._cond_data[idx] if self._cond_data is not None else None
+            return bool(self._nan_samples[idx].any()), cond
+        pos = np.unravel_index(idx, self._sample_shape)
+        if len(pos) == 1:  # orthogonal indexing of the one sample dim
+            picked = [a.data[pos[0]] for a in self._arrays + self._cond_arrays]
+        else:  # pointwise indexing of several sample dims
+            picked = [a.data.vindex[pos] for a in self._arrays + self._cond_arrays]
         scheduler = "synchronous" if torch.utils.data.get_worker_info() else None
         values = dask.compute(*picked, scheduler=scheduler)
-        parts = [np.asarray(v, np.float32).reshape(len(idx), -1, self._n_lat, self._n_lon)
+        parts = [np.asarray(v).reshape(len(idx), -1, self._n_lat, self._n_lon)
                  for v in values]  # (B, c_v, H, W) each
-        inverse = np.argsort(order)
         n_var = len(self._arrays)
-        block = np.concatenate(parts[:n_var], axis=1)[inverse]
-        cond = np.concatenate(parts[n_var:], axis=1)[inverse] if self._cond_arrays else None
-        return block, cond
+        block = parts[0] if n_var == 1 else np.concatenate(parts[:n_var], axis=1)
+        self._pad(block, out=out)
+        cond = np.concatenate(parts[n_var:], axis=1) if self._cond_arrays else None
+        return bool(np.isnan(block).any()), cond
 
     def _has_nan(self) -> bool:
         if self.in_memory:
-            return bool(np.isnan(self._data).any())
+            return bool(self._nan_samples.any())
         checks = [a.isnull().any().data for a in self._arrays]
         return bool(np.any(dask.compute(*checks)))
 
@@ -503,16 +534,26 @@ class FieldDataset(torch.utils.data.Dataset):
     def _padded_shape(self) -> tuple[int, int]:
         return self.padding.padded_shape(self._n_lat, self._n_lon)
 
-    def _pad(self, a: np.ndarray) -> np.ndarray:
-        """``(..., H, W) -> (..., H+, W+)`` with the padding's modes."""
-        return a[..., self._lat_idx, :][..., self._lon_idx]
+    def _pad(self, a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """``(..., H, W) -> (..., H+, W+)`` with the padding's modes, into ``out`` if given
+        (without ``out`` and without padding, ``a`` itself)."""
+        p, h, w = self.padding, self._n_lat, self._n_lon
+        if out is None:
+            if self._padded_shape == (h, w):
+                return a
+            out = np.empty((*a.shape[:-2], *self._padded_shape), a.dtype)
+        out[..., self._rows, self._cols] = a
+        out[..., self._rows, :p.lon_before] = a[..., self._lon_idx[:p.lon_before]]
+        out[..., self._rows, p.lon_before + w:] = a[..., self._lon_idx[p.lon_before + w:]]
+        out[..., :p.lat_before, :] = out[..., p.lat_before + self._lat_idx[:p.lat_before], :]
+        out[..., p.lat_before + h:, :] = out[..., p.lat_before + self._lat_idx[p.lat_before + h:],
+                                             :]
+        return out
 
     def _zero_pad(self, a: np.ndarray) -> np.ndarray:
         """``(..., H, W) -> (..., H+, W+)`` float32, zero on the padding."""
-        p = self.padding
         out = np.zeros((*a.shape[:-2], *self._padded_shape), np.float32)
-        out[..., p.lat_before:p.lat_before + self._n_lat,
-            p.lon_before:p.lon_before + self._n_lon] = a
+        out[..., self._rows, self._cols] = a
         return out
 
     def _channel_arrays(self, ds: xr.Dataset, names: Sequence[str],
@@ -534,10 +575,11 @@ class FieldDataset(torch.utils.data.Dataset):
         return arrays, channels
 
     def _static(self, ds: xr.Dataset, static: xr.Dataset | None
-                ) -> tuple[np.ndarray | None, list[str]]:
+                ) -> tuple[np.ndarray, list[str]]:
+        """Padded static fields ``(S, H+, W+)`` (NaN -> 0) and their channel names."""
         names = list(self.cond_config.static_fields)
         if not names:
-            return None, []
+            return np.zeros((0, *self._padded_shape), np.float32), []
         source = static if static is not None else ds
         blocks, channels = [], []
         for name in names:
@@ -566,13 +608,66 @@ class FieldDataset(torch.utils.data.Dataset):
                         ).astype(np.float32)
 
 
+def collate(items: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Batch :class:`FieldDataset` items: ``(B, ...)`` tensors per key.
+
+    A tensor shared by every item (constant weight or fields, see
+    :meth:`FieldDataset.__getitems__`) becomes a stride-0 expanded view instead of B copies;
+    the rest is ``torch.utils.data.default_collate`` (shared memory in DataLoader workers).
+    """
+    out = {}
+    for key in items[0]:
+        tensors = [item[key] for item in items]
+        first = tensors[0]
+        if all(t is first for t in tensors):
+            out[key] = first.unsqueeze(0).expand(len(tensors), *first.shape)
+        else:
+            stacked = _consecutive_views(tensors)
+            out[key] = (stacked if stacked is not None
+                        else torch.utils.data.default_collate(tensors))
+    return out
+
+
+def _consecutive_views(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """The ``(B, ...)`` tensor whose rows are exactly ``tensors`` (views of one storage, in
+    order), without copying; ``None`` if they are not laid out like that."""
+    first = tensors[0]
+    if not first.is_contiguous():
+        return None
+    ptr, n = first.untyped_storage().data_ptr(), first.numel()
+    for j, t in enumerate(tensors):
+        if (t.untyped_storage().data_ptr() != ptr or t.shape != first.shape
+                or not t.is_contiguous()
+                or t.storage_offset() != first.storage_offset() + j * n):
+            return None
+    return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(),
+                                   (len(tensors), *first.shape))
+
+
+def _batch_tensor(shape: tuple[int, ...], zero: bool = False) -> torch.Tensor:
+    """Float32 batch tensor, in shared memory inside a DataLoader worker (sent without copy)."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.zeros(shape) if zero else torch.empty(shape)
+    # allocated in shared memory as torch's default_collate does in workers
+    storage = torch.empty(0)._typed_storage()._new_shared(math.prod(shape), device="cpu")
+    t = torch.empty(0).new(storage).resize_(*shape)
+    return t.zero_() if zero else t
+
+
 def _load_channels(arrays: list[xr.DataArray], n: int) -> np.ndarray:
     """Stack DataArrays ``(*sample, [level], lat, lon)`` into ``(N, C, H, W)`` float32."""
     parts = []
     for a in arrays:
-        v = np.asarray(a.values, dtype=np.float32)
+        v = np.ascontiguousarray(a.values, dtype=np.float32)
         parts.append(v.reshape(n, -1, *v.shape[-2:]))  # (N, c_v, H, W)
-    return np.concatenate(parts, axis=1)
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+
+
+def _nan_rows(data: np.ndarray, block: int = 256) -> np.ndarray:
+    """Whether each sample of ``data`` ``(N, ...)`` has a NaN, ``(N,)``, in bounded memory."""
+    return np.concatenate([np.isnan(data[i:i + block]).reshape(len(data[i:i + block]), -1)
+                           .any(axis=1) for i in range(0, len(data), block)]
+                          or [np.zeros(0, bool)])
 
 
 def _extend(values: np.ndarray, before: int, after: int) -> np.ndarray:

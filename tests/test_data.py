@@ -15,7 +15,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from geodiff.config import ConditioningConfig, SplitConfig
-from geodiff.data import ConditionSpec, FieldDataset, Padding, compute_padding, split_dataset
+from geodiff.data import (
+    ConditionSpec,
+    FieldDataset,
+    Padding,
+    collate,
+    compute_padding,
+    split_dataset,
+)
 
 SAMPLE_DIMS = ("scenario", "time")
 
@@ -220,6 +227,7 @@ def test_streamed_dataset_equals_in_memory_and_works_with_two_workers(tmp_path):
     mem, streamed = build(ds), build(lazy, memory_budget_gb=0.0)
     assert mem.in_memory and not streamed.in_memory
     loader = torch.utils.data.DataLoader(streamed, batch_size=7, shuffle=True, num_workers=2,
+                                         collate_fn=collate,
                                          generator=torch.Generator().manual_seed(0))
     seen = []
     for batch in loader:
@@ -245,3 +253,18 @@ def test_mask_channel_only_with_nans_unless_forced_and_index_errors():
                                          ds.isel(scenario=[0]))
         FieldDataset(ds, ["tas"], SAMPLE_DIMS, spec, ConditioningConfig(labels=("scenario",)),
                      Padding(), memory_budget_gb=1.0)
+
+
+def test_collate_expands_shared_constants_without_copying():
+    ds = make_ds(seed=5)
+    fd = build(ds)
+    items = fd.__getitems__([3, 1, 2])
+    batch = collate(items)
+    ref = torch.utils.data.default_collate([fd[3], fd[1], fd[2]])
+    assert batch["fields"].stride(0) == 0 and batch["weight"].stride(0) == 0  # shared
+    assert batch["x"].data_ptr() == items[0]["x"].data_ptr()  # rows of one tensor: no copy
+    for key in ref:
+        assert torch.equal(batch[key], ref[key]), key
+    with_nan = make_ds(nan_frac=0.3, seed=6)
+    batch = collate(build(with_nan).__getitems__([0, 1]))
+    assert batch["weight"].stride(0) != 0  # per-sample weights where pixels are missing

@@ -1,0 +1,202 @@
+"""Loader throughput: geodiff FieldDataset vs xbatcher, both through a torch DataLoader.
+
+Writes a float32 ``(time, level, lat, lon)`` Zarr store (>= 2 GB, or ~200 MB with
+``--quick``) into a temporary directory, one sample per chunk, reads every chunk once so
+both loaders see a warm page cache, then times one shuffled pass of each loader with the
+same batch size and worker count:
+
+* geodiff: ``Scaler`` (min-max per level, fitted on the first 32 times) -> lazy
+  ``transform`` -> ``FieldDataset`` streaming through dask (``memory_budget_gb=0``), so
+  every batch is read, scaled, NaN-masked, padded and weighted on the fly;
+* xbatcher: ``BatchGenerator(input_dims={level, lat, lon}, batch_dims={time: B})`` wrapped
+  in ``xbatcher.loaders.torch.MapDataset`` (raw values, one item = one batch).
+
+Prints a table and writes ``benchmarks/results/bench_loader.json`` with a top-level
+``summary: {speed_ratio_vs_xbatcher, samples_per_s}``.
+
+Usage: ``python benchmarks/bench_loader.py [--quick] [--workers 2] [--batch-size 16]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import dask
+import dask.array as dsa
+import numpy as np
+import torch
+import xarray as xr
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from geodiff.config import ConditioningConfig, ScalingConfig  # noqa: E402
+from geodiff.data import ConditionSpec, FieldDataset, collate, compute_padding  # noqa: E402
+from geodiff.scaling import Scaler  # noqa: E402
+
+SHAPES = {"full": (2560, 4, 192, 384), "quick": (170, 4, 192, 384)}
+"""(time, level, lat, lon): 3.0 GB and 200 MB of float32 (about 80 % of that on disk)."""
+
+
+def write_store(path: Path, shape: tuple[int, int, int, int], seed: int = 0) -> int:
+    """Write the synthetic store (one chunk per time step); returns its size in bytes."""
+    n_time, n_level, n_lat, n_lon = shape
+    rng = dsa.random.default_rng(seed)
+    chunks = (1, n_level, n_lat, n_lon)
+    values = 250.0 + 30.0 * rng.random(shape, chunks=chunks, dtype=np.float32)
+    ds = xr.Dataset(
+        {"t": (("time", "level", "lat", "lon"), values.astype(np.float32), {"units": "K"})},
+        coords={"time": np.arange(n_time), "level": np.linspace(1000.0, 250.0, n_level),
+                "lat": np.linspace(-89.0, 89.0, n_lat),
+                "lon": np.arange(n_lon) * 360.0 / n_lon})
+    with dask.config.set(num_workers=2):
+        ds.to_zarr(path, zarr_format=3, consolidated=False)
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def warm_cache(path: Path) -> None:
+    for p in path.rglob("*"):
+        if p.is_file():
+            p.read_bytes()
+
+
+def _synchronous_dask(_worker_id: int) -> None:
+    """DataLoader worker init: dask's thread pool does not survive fork (it can deadlock)."""
+    dask.config.set(scheduler="synchronous")
+
+
+def time_loader(loader: torch.utils.data.DataLoader, batch_of,
+                min_seconds: float = 4.0) -> tuple[float, int, int]:
+    """Seconds, samples and batches of whole passes after a warm-up pass, repeated until
+    ``min_seconds`` have elapsed (at most 50 passes)."""
+    for _ in loader:
+        pass
+    n_samples = n_batches = 0
+    t0 = time.perf_counter()
+    for _ in range(50):
+        for batch in loader:
+            n_samples += batch_of(batch)
+            n_batches += 1
+        if time.perf_counter() - t0 >= min_seconds:
+            break
+    return time.perf_counter() - t0, n_samples, n_batches
+
+
+def _loader(dataset, workers: int, **kwargs) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        dataset, shuffle=True, num_workers=workers, persistent_workers=workers > 0,
+        worker_init_fn=_synchronous_dask if workers else None,
+        generator=torch.Generator().manual_seed(0), **kwargs)
+
+
+def bench_geodiff(path: Path, batch_size: int, workers: int, budget_gb: float
+                  ) -> dict[str, float]:
+    ds = xr.open_zarr(path, consolidated=False)
+    scaler = Scaler.fit(ds.isel(time=slice(0, 32)), ScalingConfig(method="minmax"), ["t"],
+                        ["time"])
+    cond = ConditioningConfig(coord_channels=True)
+    pad = compute_padding(ds.sizes["lat"], ds.sizes["lon"], 4, periodic=True)
+    t0 = time.perf_counter()
+    fd = FieldDataset(scaler.transform(ds), ["t"], ["time"], ConditionSpec(), cond, pad,
+                      memory_budget_gb=budget_gb)
+    t_build = time.perf_counter() - t0
+    loader = _loader(fd, workers, batch_size=batch_size, drop_last=True, collate_fn=collate)
+    seconds, n, nb = time_loader(loader, lambda b: b["x"].shape[0])
+    return {"seconds": seconds, "samples": n, "batches": nb, "samples_per_s": n / seconds,
+            "in_memory": fd.in_memory, "build_s": t_build,
+            "item_shape": list(fd[0]["x"].shape), "fields": fd.n_fields}
+
+
+def bench_xbatcher(path: Path, batch_size: int, workers: int, load: bool = False
+                   ) -> dict[str, float]:
+    import xbatcher
+    from xbatcher.loaders.torch import MapDataset
+
+    t0 = time.perf_counter()
+    da = xr.open_zarr(path, consolidated=False)["t"]
+    if load:
+        da = da.load()
+    t_build = time.perf_counter() - t0
+    gen = xbatcher.BatchGenerator(
+        da, input_dims={"level": da.sizes["level"], "lat": da.sizes["lat"],
+                        "lon": da.sizes["lon"]}, batch_dims={"time": batch_size})
+    loader = _loader(MapDataset(gen), workers, batch_size=None)
+    seconds, n, nb = time_loader(loader, lambda b: b.shape[0])
+    return {"seconds": seconds, "samples": n, "batches": nb, "samples_per_s": n / seconds,
+            "build_s": t_build, "in_memory": load, "batch_shape": list(gen[0].shape)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="200 MB store instead of 3 GB")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results"
+                        / "bench_loader.json")
+    args = parser.parse_args(argv)
+    mode = "quick" if args.quick else "full"
+    shape = SHAPES[mode]
+    with tempfile.TemporaryDirectory(prefix="geodiff-bench-") as tmp:
+        path = Path(tmp) / "fields.zarr"
+        t0 = time.perf_counter()
+        n_bytes = write_store(path, shape)
+        t_write = time.perf_counter() - t0
+        warm_cache(path)
+        runs = {
+            "geodiff_streamed": bench_geodiff(path, args.batch_size, args.workers, 0.0),
+            "xbatcher_streamed": bench_xbatcher(path, args.batch_size, args.workers),
+            "geodiff_in_memory": bench_geodiff(path, args.batch_size, args.workers, 1e3),
+            "xbatcher_in_memory": bench_xbatcher(path, args.batch_size, args.workers, True),
+        }
+    rate = {k: r["samples_per_s"] for k, r in runs.items()}
+    summary = {
+        "speed_ratio_vs_xbatcher": rate["geodiff_streamed"] / rate["xbatcher_streamed"],
+        "samples_per_s": rate["geodiff_streamed"],
+        "speed_ratio_in_memory_vs_xbatcher_in_memory":
+            rate["geodiff_in_memory"] / rate["xbatcher_in_memory"],
+        "speed_ratio_in_memory_vs_xbatcher_streamed":
+            rate["geodiff_in_memory"] / rate["xbatcher_streamed"],
+        "samples_per_s_in_memory": rate["geodiff_in_memory"],
+        "in_memory_load_s": runs["geodiff_in_memory"]["build_s"],
+    }
+    result = {
+        "summary": summary,
+        "details": {
+            "mode": mode, "store_shape": dict(zip(("time", "level", "lat", "lon"), shape)),
+            "raw_bytes": 4 * int(np.prod(shape)), "store_bytes": n_bytes, "write_s": t_write,
+            "batch_size": args.batch_size, "workers": args.workers, **runs,
+            "timing": "second shuffled pass of a persistent-worker DataLoader, warm page cache",
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "xarray": xr.__version__, "dask": dask.__version__,
+                         "xbatcher": _version("xbatcher"), "zarr": _version("zarr")},
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        },
+    }
+    print(f"store {shape} float32: {4 * np.prod(shape) / 1e9:.2f} GB raw, "
+          f"{n_bytes / 1e9:.2f} GB on disk; batch {args.batch_size}, {args.workers} workers")
+    print(f"{'loader':22s} {'samples/s':>10s} {'samples':>8s} {'seconds':>8s} {'load s':>7s}")
+    for name, r in runs.items():
+        print(f"{name:22s} {r['samples_per_s']:10.1f} {r['samples']:8d} {r['seconds']:8.2f} "
+              f"{r['build_s']:7.2f}")
+    for key, value in summary.items():
+        print(f"{key}: {value:.2f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return result
+
+
+def _version(name: str) -> str:
+    from importlib.metadata import version
+
+    return version(name)
+
+
+if __name__ == "__main__":
+    main()
