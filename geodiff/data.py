@@ -18,8 +18,9 @@ import torch
 import xarray as xr
 
 from geodiff.config import ConditioningConfig, SplitConfig
+from geodiff.grid import LAT, LEVEL, LON, area_weights
 
-LAT, LON, LEVEL, TIME = "lat", "lon", "level", "time"
+TIME = "time"
 _SAMPLE = "_sample"
 _PAD_MODES = ("circular", "reflect", "replicate")
 _YEAR_TOLERANCE_FRACTION = 0.1
@@ -420,7 +421,8 @@ class FieldDataset(torch.utils.data.Dataset):
             with_mask = cond_config.mask_channel and self._has_nan()
         self.with_mask = bool(with_mask)
         self._weight_base = self._zero_pad(np.broadcast_to(
-            _area_weights(ds_scaled[LAT].values)[:, None], (self._n_lat, self._n_lon)))
+            area_weights(ds_scaled[LAT].values).astype(np.float32)[:, None],
+            (self._n_lat, self._n_lon)))
         self._coord_fields = (self._coord_channels(ds_scaled) if cond_config.coord_channels
                               else np.zeros((0, *self._padded_shape), np.float32))
         self._static_fields, static_names = self._static(ds_scaled, static)
@@ -677,12 +679,6 @@ def _extend(values: np.ndarray, before: int, after: int) -> np.ndarray:
     step_a = v[-1] - v[-2] if v.size > 1 else 1.0
     return np.concatenate([v[0] - step_b * np.arange(before, 0, -1), v,
                            v[-1] + step_a * np.arange(1, after + 1)])
-
-
-def _area_weights(lat: np.ndarray) -> np.ndarray:
-    """cos(lat) normalised to mean 1, ``(n_lat,)`` (as ``grid.area_weights``)."""
-    w = np.cos(np.deg2rad(np.asarray(lat, dtype=np.float64)))
-    return (w / w.mean()).astype(np.float32)
 
 
 def _sample_coord_table(ds: xr.Dataset, sample_dims: tuple[str, ...]

@@ -30,8 +30,8 @@ import xarray as xr
 from numpy.polynomial import legendre
 
 from geodiff.config import ScalingConfig
+from geodiff.grid import LEVEL
 
-LEVEL = "level"
 _DEGREE, _DEGREE2, _LABEL, _PERIOD = "_degree", "_degree2", "_label", "_period"
 _FORMAT = "geodiff.Scaler"
 _VERSION = 1
