@@ -1,8 +1,8 @@
 """Building blocks of the lat-lon UNet: sphere-aware padding, convolutions, embeddings.
 
 Every spatial operation of :class:`geodiff.unet.LatLonUNet` goes through
-:class:`LatLonConv2d`, which pads with :class:`LatLonPad` before convolving with no padding
-of its own, so a global grid is treated as what it is:
+:class:`LatLonConv2d`, which convolves the input padded by its :class:`LatLonPad` (halos copied
+explicitly, zero padding left to the convolution), so a global grid is treated as what it is:
 
 * longitude is **periodic** (circular padding: column ``-1`` is the last column), so there is
   no seam at the date line;
@@ -244,7 +244,7 @@ class NoiseLevelEmbedding(nn.Module):
 
     def forward(self, noise_label: Tensor) -> Tensor:
         """Embedding ``(B, dim)`` of ``noise_label`` ``(B,)``."""
-        return self.mlp(self.features(noise_label))
+        return self.mlp(self.features(noise_label).to(self.mlp[0].weight.dtype))
 
 
 class ConditionEmbedding(nn.Module):

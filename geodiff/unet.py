@@ -247,7 +247,7 @@ class LatLonUNet(nn.Module):
             return noise_label, None, cond_drop
         if cond.shape != (b, self.cond_dim):
             raise ValueError(f"cond.shape={tuple(cond.shape)} must be ({b}, {self.cond_dim})")
-        return noise_label, cond, cond_drop
+        return noise_label, cond.to(self.conv_in.weight.dtype), cond_drop
 
 
 def _check_args(in_channels: int, out_channels: int, channels: tuple[int, ...],

@@ -35,12 +35,20 @@ def randn(*shape: int, seed: int = 1) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
-def reference_sphere_pad(x: torch.Tensor, p: int) -> torch.Tensor:
-    """Pole + circular padding written plainly (flip, roll, cat), independent of geodiff."""
-    half = x.shape[-1] // 2
-    south = x[..., :p, :].flip(-2).roll(half, dims=-1)   # nearest the pole last
-    north = x[..., -p:, :].flip(-2).roll(half, dims=-1)
-    rows = torch.cat([south, x, north], dim=-2)
+def reference_sphere_pad(x: torch.Tensor, p: int,
+                         topology: GridTopology = GLOBAL) -> torch.Tensor:
+    """The padding written plainly (flip, roll, cat, F.pad), independent of geodiff."""
+    if p == 0:
+        return x
+    if not topology.periodic_lon:
+        return F.pad(x, (p, p, p, p))
+    if topology.pole_padding:
+        half = x.shape[-1] // 2
+        south = x[..., :p, :].flip(-2).roll(half, dims=-1)   # nearest the pole last
+        north = x[..., -p:, :].flip(-2).roll(half, dims=-1)
+        rows = torch.cat([south, x, north], dim=-2)
+    else:
+        rows = F.pad(x, (0, 0, p, p))
     return torch.cat([rows[..., -p:], rows, rows[..., :p]], dim=-1)
 
 
@@ -119,7 +127,8 @@ def test_conv_equals_conv_of_padded_input(topology: GridTopology, kernel: int,
     conv = LatLonConv2d(3, 4, kernel, topology=topology, stride=stride).double()
     x = randn(2, 3, 6, 8).double().requires_grad_()
     y = conv(x)
-    ref = F.conv2d(conv.pad(x), conv.weight, conv.bias, stride)
+    ref = F.conv2d(reference_sphere_pad(x, kernel // 2, topology), conv.weight, conv.bias,
+                   stride)
     assert y.shape == ref.shape
     torch.testing.assert_close(y, ref, rtol=0, atol=1e-12)
     g = randn(*y.shape, seed=2).double()
@@ -139,7 +148,7 @@ def test_every_conv_of_a_global_net_pads_across_lon_and_poles() -> None:
     def check(conv: LatLonConv2d, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
         x = F.silu(args[0]) if kwargs.get("silu", False) else args[0]
         p = conv.kernel_size[0] // 2
-        padded = reference_sphere_pad(x, p) if p else x
+        padded = reference_sphere_pad(x, p)
         ref = F.conv2d(padded, conv.weight, conv.bias, conv.stride)
         torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
         checked.append(conv)
