@@ -111,9 +111,8 @@ class DataBundle:
 
 def prepare_data(recipe: Recipe) -> DataBundle:
     """Open, split, fit the scaler on the train split and build the torch datasets."""
-    from geodiff.scaling import Scaler
-
     from geodiff import catalog, data, grid
+    from geodiff.scaling import Scaler
 
     dc = recipe.data
     ds = catalog.open_dataset(dc.source, catalog=dc.catalog, variables=list(dc.variables))
@@ -246,9 +245,8 @@ def load_model(checkpoint: str | Path, *, device: str | torch.device | None = No
     """Rebuild the denoiser (EMA weights by default), scaler and grid from a checkpoint."""
     from geodiff.data import ConditionSpec
     from geodiff.grid import GridInfo
-    from geodiff.scaling import Scaler
-
     from geodiff.runtime import resolve_device
+    from geodiff.scaling import Scaler
 
     path = ckpt.resolve_checkpoint(checkpoint)
     meta = ckpt.load_meta(path)

@@ -70,6 +70,7 @@ def init_distributed(device: torch.device) -> Dist:
                 local_rank=int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def barrier(d: Dist) -> None:
-    if d.enabled:
+def barrier(d: Dist | None) -> None:
+    """Wait for every rank (a no-op in a single process)."""
+    if d is not None and d.enabled:
         dist.barrier()

@@ -1,0 +1,119 @@
+"""The ``geodiff`` command line, run as a real subprocess on small data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import xarray as xr
+
+from geodiff import __version__
+from tests.toy import recipe_path, toy_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def geodiff(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    return subprocess.run([sys.executable, "-m", "geodiff", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_help_and_version():
+    out = geodiff("--help")
+    assert out.returncode == 0
+    for verb in ("catalog", "recipe", "train", "generate", "fill-gaps", "evaluate", "plot",
+                 "quickstart"):
+        assert verb in out.stdout
+    ver = geodiff("--version")
+    assert ver.returncode == 0 and ver.stdout.strip() == f"geodiff {__version__}"
+
+
+def test_catalog_list_and_show():
+    out = geodiff("catalog", "list")
+    assert out.returncode == 0
+    assert "iris_north_america" in out.stdout and "era5_wb2_5p625" in out.stdout
+    show = geodiff("catalog", "show", "iris_north_america")
+    assert show.returncode == 0
+    for fragment in ("air_temperature", "scenario", "Open Government Licence", "360_day"):
+        assert fragment in show.stdout, fragment
+
+
+def test_unknown_catalog_entry_is_exit_2_with_close_names():
+    out = geodiff("catalog", "show", "iris_north_americ")
+    assert out.returncode == 2
+    assert "iris_north_america" in out.stderr
+
+
+def test_recipe_validate_good_and_bad(tmp_path):
+    ok = geodiff("recipe", "validate", "quickstart", "--set", "training.steps=5")
+    assert ok.returncode == 0 and "steps: 5" in ok.stdout
+    bad = geodiff("recipe", "validate", "quickstart", "--set", "training.sampler=heun")
+    assert bad.returncode == 2
+    assert "training.sampler" in bad.stderr and "allowed keys" in bad.stderr
+
+
+@pytest.mark.parametrize("name", ["quickstart", "ostia_gapfill", "era5_5p625"])
+def test_bundled_recipes_validate(name):
+    assert geodiff("recipe", "validate", name).returncode == 0
+
+
+def test_dry_run_prints_shapes_parameters_and_time():
+    out = geodiff("train", "quickstart", "--dry-run", "--device", "cpu")
+    assert out.returncode == 0, out.stderr
+    assert "grid (lat x lon): 37 x 49" in out.stdout
+    assert "parameters:" in out.stdout and "time per step" in out.stdout
+
+
+def test_dry_run_of_remote_recipe_with_given_grid():
+    out = geodiff("train", "era5_5p625", "--dry-run", "--grid", "32x64",
+                  "--set", "model.channels=[16,32,64]", "--device", "cpu")
+    assert out.returncode == 0, out.stderr
+    assert "32 x 64" in out.stdout
+
+
+def test_train_generate_evaluate_plot_end_to_end(tmp_path):
+    toy_recipe(tmp_path, training={"steps": 4, "checkpoint_every": 4})
+    run = tmp_path / "run"
+    tr = geodiff("train", str(recipe_path(tmp_path)), "--out", str(run), "--device", "cpu")
+    assert tr.returncode == 0, tr.stderr
+    source = xr.open_dataset(tmp_path / "toy.nc")
+    obs = source.isel(time=[5, 15])
+    obs.to_netcdf(tmp_path / "obs.nc")
+    ens = tmp_path / "ens.nc"
+    gen = geodiff("generate", str(run), "--members", "4", "--conditions", str(tmp_path / "obs.nc"),
+                  "--out", str(ens), "--seed", "1")
+    assert gen.returncode == 0, gen.stderr
+    again = geodiff("generate", str(run), "--members", "4", "--conditions",
+                    str(tmp_path / "obs.nc"), "--out", str(ens))
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+    ev = geodiff("evaluate", str(ens), "--obs", str(tmp_path / "obs.nc"), "--out",
+                 str(tmp_path / "report"))
+    assert ev.returncode == 0, ev.stderr
+    summary = json.loads((tmp_path / "report" / "scores.json").read_text())["summary"]
+    assert summary["n_members"] == 4 and summary["crps_fair"] > 0
+    png = tmp_path / "mean.png"
+    pl = geodiff("plot", str(ens), "--kind", "mean", "--out", str(png))
+    assert pl.returncode == 0, pl.stderr
+    assert png.stat().st_size > 5000
+    gaps = obs.copy(deep=True)
+    gaps["tas"] = gaps["tas"].where(gaps["latitude"] > 0)
+    gaps.to_netcdf(tmp_path / "gaps.nc")
+    fill = geodiff("fill-gaps", str(run), str(tmp_path / "gaps.nc"), "--members", "2",
+                   "--steps", "3", "--resample", "2", "--out", str(tmp_path / "filled.nc"))
+    assert fill.returncode == 0, fill.stderr
+    filled = xr.open_dataset(tmp_path / "filled.nc")
+    assert filled.sizes["member"] == 2 and int(filled["tas"].isnull().sum()) < int(
+        gaps["tas"].isnull().sum()) * 2
+
+
+def test_generate_from_missing_checkpoint_is_exit_2(tmp_path):
+    out = geodiff("generate", str(tmp_path / "nothing"), "--out", str(tmp_path / "e.nc"))
+    assert out.returncode == 2
+    assert "train first" in out.stderr
