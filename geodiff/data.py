@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import cftime
 import dask
 import numpy as np
 import torch
@@ -21,7 +22,6 @@ from geodiff.config import ConditioningConfig, SplitConfig
 from geodiff.grid import LAT, LEVEL, LON, area_weights
 
 TIME = "time"
-_SAMPLE = "_sample"
 _PAD_MODES = ("circular", "reflect", "replicate")
 _YEAR_TOLERANCE_FRACTION = 0.1
 """Years up to 10 % of the training span (at least 1 year) outside the training range pass."""
@@ -241,9 +241,10 @@ class ConditionSpec:
             out.append((_scalar_time_feature(coords, "year") - self.year_center)
                        / self.year_scale)
         if self.day_of_year:
-            doy = _scalar_time_feature(coords, "dayofyear")
-            year = _scalar_time_feature(coords, "year") if self._leap_dependent() else None
-            phase = 2 * math.pi * (doy - 1) / _days_in_year(self.calendar, year)
+            doy, year = (_scalar_time_feature(coords, k) for k in ("dayofyear", "year"))
+            days = 360 if self.calendar == "360_day" else 365 + cftime.is_leap_year(
+                int(year), self.calendar)
+            phase = 2 * math.pi * (doy - 1) / days
             out += [math.sin(phase), math.cos(phase)]
         for label, values in zip(self.labels, self.label_values, strict=True):
             value = self._label_value(coords, label)
@@ -312,9 +313,6 @@ class ConditionSpec:
             tuple(_unique_in_order(np.ravel(train_ds.coords[lab].values))) for lab in cfg.labels)
         return cls(**kwargs)
 
-    def _leap_dependent(self) -> bool:
-        return self.calendar in ("standard", "gregorian", "proleptic_gregorian", "julian")
-
     @staticmethod
     def _label_value(coords: Mapping[str, Any], label: str) -> Any:
         if label not in coords:
@@ -348,18 +346,6 @@ def _scalar_time_feature(coords: Mapping[str, Any], name: str) -> float:
     if values.size != 1:
         raise ValueError(f"{name} must be a single value for one sample, got {values.size}")
     return float(values[0])
-
-
-def _days_in_year(calendar: str, year: float | None) -> float:
-    fixed = {"360_day": 360.0, "noleap": 365.0, "365_day": 365.0, "all_leap": 366.0,
-             "366_day": 366.0}
-    if calendar in fixed:
-        return fixed[calendar]
-    if year is None:
-        return 365.25
-    y = int(year)
-    leap = y % 4 == 0 if calendar == "julian" else (y % 4 == 0 and (y % 100 != 0 or y % 400 == 0))
-    return 366.0 if leap else 365.0
 
 
 def _calendar(ds: xr.Dataset) -> str:
@@ -570,10 +556,9 @@ class FieldDataset(torch.utils.data.Dataset):
             if set(da.dims) - allowed or set(self.sample_dims) - set(da.dims):
                 raise ValueError(f"{what}: {name!r} has dims {da.dims}; expected all of "
                                  f"{list(self.sample_dims)} plus lat, lon and optionally level")
-            has_level = LEVEL in da.dims
-            arrays.append(da.transpose(*self.sample_dims, *([LEVEL] * has_level), LAT, LON))
-            channels += ([f"{name}@{_fmt_level(v)}" for v in da[LEVEL].values] if has_level
-                         else [name])
+            arrays.append(da.transpose(*self.sample_dims, *([LEVEL] * (LEVEL in da.dims)),
+                                       LAT, LON))
+            channels += _channel_names(name, da)
         return arrays, channels
 
     def _static(self, ds: xr.Dataset, static: xr.Dataset | None
@@ -593,11 +578,10 @@ class FieldDataset(torch.utils.data.Dataset):
             if set(da.dims) - {LEVEL, LAT, LON}:
                 raise ValueError(f"static field {name!r} has dims {da.dims}; it must be "
                                  f"time-invariant (lat, lon and optionally level)")
-            has_level = LEVEL in da.dims
-            arr = np.asarray(da.transpose(*([LEVEL] * has_level), LAT, LON).values, np.float32)
+            arr = np.asarray(da.transpose(*([LEVEL] * (LEVEL in da.dims)), LAT, LON).values,
+                             np.float32)
             blocks.append(arr.reshape(-1, self._n_lat, self._n_lon))
-            channels += ([f"{name}@{_fmt_level(v)}" for v in da[LEVEL].values] if has_level
-                         else [name])
+            channels += _channel_names(name, da)
         return self._pad(np.nan_to_num(np.concatenate(blocks), nan=0.0)), channels
 
     def _coord_channels(self, ds: xr.Dataset) -> np.ndarray:
@@ -698,9 +682,12 @@ def _sample_coord_table(ds: xr.Dataset, sample_dims: tuple[str, ...]
     return table
 
 
-def _fmt_level(v: Any) -> str:
-    v = _plain(v)
-    return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
+def _channel_names(name: str, da: xr.DataArray) -> list[str]:
+    """``[name]``, or ``name@level`` per level (``t@500``) for a variable with levels."""
+    if LEVEL not in da.dims:
+        return [name]
+    levels = [_plain(v) for v in da[LEVEL].values]
+    return [f"{name}@{int(v) if isinstance(v, float) and v.is_integer() else v}" for v in levels]
 
 
 def _unique_in_order(values: np.ndarray) -> list:
