@@ -98,7 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--out", required=True, help="PNG path")
 
     qs = sub.add_parser("quickstart", help="train, generate, evaluate and plot the quickstart")
-    qs.add_argument("--out", default="geodiff-quickstart", help="output folder")
+    qs.add_argument("--out", default=None,
+                    help="output folder (default: the recipe's output.dir)")
+    qs.add_argument("--recipe", default="quickstart",
+                    help="quickstart (default) or a gap-filling recipe such as ostia_gapfill")
     qs.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     qs.add_argument("--resume", action="store_true")
     _add_common(qs)
@@ -215,10 +218,18 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         print(f"wrote {path}")
         return 0
     if cmd == "quickstart":
-        from geodiff.quickstart import run_quickstart
+        from geodiff.config import load_recipe
 
-        run_quickstart(args.out, overrides=_overrides(args), device=args.device,
-                       resume=args.resume)
+        recipe = load_recipe(args.recipe, _overrides(args))
+        out = args.out or recipe.output.dir
+        if recipe.gapfill.enabled:
+            from geodiff.gapfill_eval import run_gapfill_experiment
+
+            run_gapfill_experiment(out, device=args.device, resume=args.resume, recipe=recipe)
+        else:
+            from geodiff.quickstart import run_quickstart
+
+            run_quickstart(out, device=args.device, resume=args.resume, recipe=recipe)
         return 0
     parser.print_help()
     return 2
