@@ -25,6 +25,9 @@ import numpy as np
 import xarray as xr
 
 MEMBER = "member"
+ZARR_FORMAT = 2
+"""Zarr v2 stores: read by every Zarr implementation and xarray version in use today, and
+with a specified fixed-length string type for labels such as ``scenario``."""
 FORMATS = {".nc": "netcdf", ".nc4": "netcdf", ".netcdf": "netcdf", ".zarr": "zarr"}
 
 
@@ -91,7 +94,7 @@ class EnsembleWriter:
         self.discard()
         if self.format == "zarr":
             template.to_zarr(self.partial, mode="w", compute=False, encoding=encoding,
-                             consolidated=True)
+                             consolidated=True, zarr_format=ZARR_FORMAT)
         else:
             template.to_netcdf(self.partial, engine="netcdf4", encoding=encoding)
 

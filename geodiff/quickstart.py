@@ -18,6 +18,7 @@ import numpy as np
 import xarray as xr
 
 from geodiff.config import Recipe, load_recipe
+from geodiff.io import ZARR_FORMAT
 
 ANALOG_HALF_WINDOW = 10
 """Analog baseline: training fields of the same scenario within +- this many years."""
@@ -71,7 +72,7 @@ def fair_crps_ragged(ens: xr.DataArray, obs: xr.DataArray, member: str = "member
     # sum_{i,j} |X_i - X_j| = 2 sum_k (2k - M - 1) X_(k) over the M sorted finite members
     k = np.arange(1, x.shape[0] + 1).reshape(-1, *([1] * y.ndim))
     coef = np.where(k <= m[None], 2 * k - m[None] - 1, 0)
-    pair = 2 * np.sum(np.where(np.isfinite(xs), coef * xs, 0.0), 0)
+    pair = 2 * np.sum(coef * np.where(np.isfinite(xs), xs, 0.0), 0)
     spread = pair / (2 * m * np.maximum(m - 1, 1))
     out = np.where(m >= 2, skill - spread, np.nan)
     return xr.DataArray(out, dims=ens.transpose(member, ...).dims[1:],
@@ -232,7 +233,7 @@ def _to_zarr(nc_path: Path, zarr_path: Path) -> None:
             v.encoding.pop("complevel", None)
             v.encoding.pop("shuffle", None)
             v.encoding.pop("contiguous", None)
-        ds.to_zarr(tmp, mode="w", consolidated=True)
+        ds.to_zarr(tmp, mode="w", consolidated=True, zarr_format=ZARR_FORMAT)
     if zarr_path.exists():
         shutil.rmtree(zarr_path)
     os.replace(tmp, zarr_path)
@@ -240,7 +241,7 @@ def _to_zarr(nc_path: Path, zarr_path: Path) -> None:
 
 def _atomic_netcdf(ds: xr.Dataset, path: Path) -> Path:
     tmp = path.with_name(path.name + ".partial")
-    ds.to_netcdf(tmp)
+    ds.to_netcdf(tmp, encoding={v: {"zlib": True, "complevel": 4} for v in ds.data_vars})
     os.replace(tmp, path)
     return path
 
