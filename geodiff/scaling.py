@@ -20,6 +20,7 @@ and solved per pixel. Legendre polynomials keep ``P^T P`` well conditioned on [-
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -165,7 +166,9 @@ class Scaler:
             stats.mean_field = self._fit_climatology(ds, y, reduce_dims)
         a = y - self._mean_field(stats, ds, y, "fit") if cfg.anomaly != "none" else y
         if cfg.per_pixel_std:
-            s = a.std(reduce_dims, skipna=True).compute().values
+            with warnings.catch_warnings():  # all-NaN (land) pixels: NaN std, by design
+                warnings.simplefilter("ignore", RuntimeWarning)
+                s = a.std(reduce_dims, skipna=True).compute().values
             stats.pixel_std = np.where(s > 0, s, np.where(np.isnan(s), np.nan, 1.0))
             a = a / xr.DataArray(stats.pixel_std, dims=pixel_dims)
         stats.center, stats.half_range = self._fit_range(a, name, range_dims)
