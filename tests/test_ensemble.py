@@ -209,3 +209,27 @@ def test_checkpoint_alone_is_enough(trained, tmp_path):
     ds = generate_ensemble(model, 1, {"time": trained["held_out"]["time"].values[:1]},
                            progress=False)
     assert ds.sizes["member"] == 1 and ds.sizes["time"] == 1
+
+
+@pytest.mark.parametrize("suffix", [".nc", ".zarr"])
+def test_written_files_pass_the_cf_check(trained, tmp_path, suffix):
+    from geodiff.cfcheck import cf_problems
+
+    out = generate_ensemble(trained["run"], 2, trained["held_out"], out=tmp_path / f"e{suffix}",
+                            progress=False)
+    assert cf_problems(out) == []
+
+
+def test_cf_check_flags_broken_files(trained, tmp_path):
+    from geodiff.cfcheck import cf_problems
+
+    out = generate_ensemble(trained["run"], 2, trained["held_out"], out=tmp_path / "e.nc",
+                            progress=False)
+    raw = xr.open_dataset(out, decode_cf=False).load()
+    raw.attrs["Conventions"] = "none"
+    raw["member"].attrs.pop("standard_name")
+    raw["latitude"].values[[0, 1]] = raw["latitude"].values[[1, 0]]
+    del raw["tas"].attrs["units"]
+    problems = cf_problems(raw)
+    for fragment in ("Conventions", "realization", "not strictly monotonic", "no units"):
+        assert any(fragment in p for p in problems), (fragment, problems)

@@ -46,6 +46,11 @@ def test_train_writes_checkpoints_metrics_and_meta(tmp_path):
     state = torch.load(done[-1] / "state.pt", weights_only=True)
     assert state["step"] == 8
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert "vlb_bits_per_dim" in lines[-1] and lines[-1]["vlb_bits_per_dim"] == pytest.approx(
+        result.vlb_bits_per_dim)
+    # dequantised NLL on 256 bins of [-1, 1]: a few bits/dim, finite and positive
+    assert 0 < result.vlb_bits_per_dim < 20
+    lines = lines[:-1]
     assert [r["step"] for r in lines] == list(range(1, 9))
     assert all(np.isfinite(r["loss"]) for r in lines)
     assert "val_loss" in lines[3] and np.isfinite(lines[3]["val_loss"])

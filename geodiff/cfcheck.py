@@ -1,0 +1,115 @@
+"""CF-1.10 conformance of the gridded ensemble files geodiff writes.
+
+Why not the reference ``cfchecker``: it needs the UDUNITS-2 C library and downloads the CF
+standard-name table at run time, neither of which an offline CI node or many HPC nodes
+have. This module checks, on the raw (undecoded) file, the CF rules that apply to a
+rectilinear lat-lon ensemble: global ``Conventions``; coordinate variables (1-D, named like
+their dimension, strictly monotonic, no missing values); latitude/longitude recognisable by
+``units`` (CF 4.1/4.2) with values in range; a time coordinate with CF ``units``
+("<unit> since <date>") and a known ``calendar`` (CF 4.4); the ensemble dimension labelled
+``standard_name = realization`` (CF standard-name table); data variables with ``units``;
+``_FillValue`` of the variable's type; ``coordinates`` attributes that name existing
+variables; attribute types. cf_xarray then has to find the X and Y axes, which is how
+downstream tools will read the file.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+CALENDARS = {"standard", "gregorian", "proleptic_gregorian", "noleap", "365_day", "all_leap",
+             "366_day", "360_day", "julian", "none"}
+_TIME_UNITS = re.compile(r"^\s*(days|hours|minutes|seconds|milliseconds|microseconds)\s+since\s+"
+                         r"\d{1,4}-\d{1,2}-\d{1,2}")
+_LAT_UNITS = {"degrees_north", "degree_north", "degree_N", "degrees_N", "degreeN", "degreesN"}
+_LON_UNITS = {"degrees_east", "degree_east", "degree_E", "degrees_E", "degreeE", "degreesE"}
+
+
+def cf_problems(path_or_ds: str | Path | xr.Dataset) -> list[str]:
+    """Violations of the checked CF-1.10 rules (empty list = conforming).
+
+    ``path_or_ds``: a NetCDF path or Zarr store (opened without decoding) or a raw Dataset
+    opened with ``decode_cf=False``.
+    """
+    ds = _open_raw(path_or_ds)
+    problems: list[str] = []
+    conv = str(ds.attrs.get("Conventions", ""))
+    if not re.search(r"CF-1\.\d+", conv):
+        problems.append(f"global attribute Conventions={conv!r} does not name CF-1.x")
+    for key in ("history", "source"):
+        if not isinstance(ds.attrs.get(key), str):
+            problems.append(f"global attribute {key!r} missing or not a string")
+    for dim in ds.dims:
+        if dim not in ds.variables:
+            continue
+        var = ds[dim]
+        if var.ndim != 1 or var.dims != (dim,):
+            problems.append(f"coordinate variable {dim!r} must be 1-D along {dim!r}")
+            continue
+        values = var.values
+        if values.dtype.kind in "fiu":
+            if values.dtype.kind == "f" and np.isnan(values).any():
+                problems.append(f"coordinate variable {dim!r} has missing values")
+            d = np.diff(values.astype(np.float64))
+            if values.size > 1 and not (np.all(d > 0) or np.all(d < 0)):
+                problems.append(f"coordinate variable {dim!r} is not strictly monotonic")
+        units = var.attrs.get("units")
+        if units in _LAT_UNITS and not np.all(np.abs(values.astype(float)) <= 90):
+            problems.append(f"latitude {dim!r} outside [-90, 90]")
+        if var.attrs.get("standard_name") == "time" or dim == "time":
+            if not isinstance(units, str) or not _TIME_UNITS.match(units):
+                problems.append(f"time coordinate {dim!r} has units={units!r}; CF needs "
+                                "'<unit> since <date>'")
+            cal = str(var.attrs.get("calendar", "standard")).lower()
+            if cal not in CALENDARS:
+                problems.append(f"time coordinate {dim!r} has unknown calendar={cal!r}")
+    axes_units = {str(ds[d].attrs.get("units")) for d in ds.dims if d in ds.variables}
+    if not axes_units & _LAT_UNITS:
+        problems.append("no latitude coordinate with units degrees_north (CF 4.1)")
+    if not axes_units & _LON_UNITS:
+        problems.append("no longitude coordinate with units degrees_east (CF 4.2)")
+    if "member" in ds.dims:
+        if ds.variables.get("member") is None or \
+                ds["member"].attrs.get("standard_name") != "realization":
+            problems.append("ensemble dimension 'member' lacks standard_name='realization'")
+    for name, var in ds.data_vars.items():
+        if var.ndim >= 2 and "units" not in var.attrs:
+            problems.append(f"data variable {name!r} has no units attribute")
+        fill = var.attrs.get("_FillValue", var.encoding.get("_FillValue"))
+        if fill is not None and np.asarray(fill).dtype.kind != var.dtype.kind:
+            problems.append(f"{name!r}: _FillValue type {np.asarray(fill).dtype} differs from "
+                            f"the variable's {var.dtype}")
+        for coord in str(var.attrs.get("coordinates", "")).split():
+            if coord not in ds.variables:
+                problems.append(f"{name!r}: coordinates attribute names missing {coord!r}")
+        for key, value in var.attrs.items():
+            if isinstance(value, (dict, list)) or value is None:
+                problems.append(f"{name!r}: attribute {key!r} has non-netCDF type")
+    problems += _cf_xarray_axes(path_or_ds)
+    return problems
+
+
+def _open_raw(path_or_ds: str | Path | xr.Dataset) -> xr.Dataset:
+    if isinstance(path_or_ds, xr.Dataset):
+        return path_or_ds
+    p = Path(path_or_ds)
+    if p.suffix == ".zarr" or p.is_dir():
+        return xr.open_zarr(p, decode_cf=False)
+    return xr.open_dataset(p, decode_cf=False)
+
+
+def _cf_xarray_axes(path_or_ds: str | Path | xr.Dataset) -> list[str]:
+    """cf_xarray (what downstream tools use) must find the X and Y axes of the decoded file."""
+    import cf_xarray  # noqa: F401  (registers the .cf accessor)
+
+    if isinstance(path_or_ds, xr.Dataset):
+        ds = xr.decode_cf(path_or_ds)
+    else:
+        p = Path(path_or_ds)
+        ds = xr.open_zarr(p) if (p.suffix == ".zarr" or p.is_dir()) else xr.open_dataset(p)
+    axes = ds.cf.axes
+    return [f"cf_xarray finds no {ax} axis" for ax in ("X", "Y") if not axes.get(ax)]
