@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+BATCH = 10
+"""Network batch size of both runs (the 10-member run is one batch of 10), so the two runs
+differ only in the number of members, not in activation memory per batch."""
 
 
 def synthetic_global(path: Path, n_time: int = 24) -> Path:
@@ -85,7 +87,7 @@ def generate(run: Path, members: int, out: Path) -> dict[str, float]:
         "from geodiff.cli import main\n"
         "t = time.perf_counter()\n"
         f"rc = main(['generate', {str(run)!r}, '--members', '{members}', '--out', "
-        f"{str(out)!r}, '--device', 'cpu', '--overwrite'])\n"
+        f"{str(out)!r}, '--device', 'cpu', '--overwrite', '--batch-size', '{BATCH}'])\n"
         "dt = time.perf_counter() - t\n"
         "print('RESULT', dt, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
         "sys.exit(rc)\n")

@@ -187,19 +187,19 @@ def _mesh_xy(field: xr.DataArray, periodic: bool
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
     """``(lon, lat, data (lat, lon), shading)`` for ``pcolormesh``.
 
-    A global grid gets the cyclic column ``x[n] = x[0] + 360`` (``add_cyclic_point``) and
+    A global grid gets the cyclic column ``x[n] = x[0] + 360`` (as ``add_cyclic_point`` does,
+    without its exact-spacing check, which float32 coordinates such as OSTIA's fail) and
     Gouraud shading between the points, so the field closes around the globe without a
     seam; a regional grid is drawn cell by cell (``nearest``).
     """
-    from cartopy.util import add_cyclic_point
-
     lat, lon = analysis.lat_lon_dims(field)
     data = np.asarray(field.transpose(lat, lon).values, dtype=np.float64)  # (lat, lon)
     x = np.asarray(field[lon].values, dtype=np.float64)
     y = np.asarray(field[lat].values, dtype=np.float64)
     if not periodic:
         return x, y, data, "nearest"
-    data, x = add_cyclic_point(data, coord=x)  # (lat, lon + 1), x[-1] = x[0] + 360
+    data = np.concatenate([data, data[:, :1]], axis=1)  # (lat, lon + 1)
+    x = np.append(x, x[0] + 360.0)
     x[-1] -= 1e-6  # PROJ maps +180 deg from the centre to -180: stay just inside the edge
     return x, y, np.ma.masked_invalid(data), "gouraud"
 

@@ -67,13 +67,13 @@ def fair_crps_ragged(ens: xr.DataArray, obs: xr.DataArray, member: str = "member
     y = obs.transpose(*ens.transpose(member, ...).dims[1:]).values.astype(np.float64)
     finite = np.isfinite(x)
     m = finite.sum(0)
-    skill = np.nansum(np.abs(x - y[None]), 0) / np.maximum(m, 1)
+    skill = np.nansum(np.abs(x - y[None]), 0) / np.maximum(m, 1)  # m = 0: no member (land)
     xs = np.sort(np.where(finite, x, np.inf), axis=0)  # NaN members sorted last
     # sum_{i,j} |X_i - X_j| = 2 sum_k (2k - M - 1) X_(k) over the M sorted finite members
     k = np.arange(1, x.shape[0] + 1).reshape(-1, *([1] * y.ndim))
     coef = np.where(k <= m[None], 2 * k - m[None] - 1, 0)
     pair = 2 * np.sum(coef * np.where(np.isfinite(xs), xs, 0.0), 0)
-    spread = pair / (2 * m * np.maximum(m - 1, 1))
+    spread = pair / (2 * np.maximum(m, 1) * np.maximum(m - 1, 1))
     out = np.where(m >= 2, skill - spread, np.nan)
     return xr.DataArray(out, dims=ens.transpose(member, ...).dims[1:],
                         coords={k: v for k, v in obs.coords.items()})
