@@ -32,6 +32,7 @@ from numpy.polynomial import legendre
 
 from geodiff.config import ScalingConfig
 from geodiff.grid import LEVEL
+from geodiff.samples import _plain, _unique_in_order
 
 _DEGREE, _DEGREE2, _LABEL, _PERIOD = "_degree", "_degree2", "_label", "_period"
 _FORMAT = "geodiff.Scaler"
@@ -490,15 +491,6 @@ def _sorted(values: set) -> list:
         return sorted(values, key=str)
 
 
-def _unique_in_order(values: np.ndarray) -> list:
-    seen: dict = {}
-    for v in values:
-        seen.setdefault(_plain(v), None)
-    return list(seen)
-
-
-def _plain(v: Any) -> Any:
-    return v.item() if isinstance(v, np.generic) else v
 
 
 def _plain_list(values: np.ndarray) -> list:
