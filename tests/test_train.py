@@ -161,3 +161,4 @@ def test_batch_order_and_lr_schedule_are_pure_functions_of_the_step():
     assert lr_factor(9, 10, 100, "cosine") == pytest.approx(1.0)
     assert lr_factor(100, 10, 100, "cosine") == pytest.approx(0.1)
     assert lr_factor(50, 0, 100, "constant") == 1.0
+
