@@ -15,7 +15,7 @@ import torch
 import xarray as xr
 
 from geodiff.ensemble import _cell_dicts, _provenance, emit, member_seed, to_dataset
-from geodiff.io import check_output_path
+from geodiff.io import MEMBER, check_output_path
 from geodiff.pipeline import LoadedModel, load_model
 
 
@@ -116,10 +116,12 @@ def fill_gaps(checkpoint: str | Path | LoadedModel, observed: xr.Dataset, member
         parts = [run(items[i:i + batch_size]) for i in range(0, len(items), batch_size)]
         x = np.concatenate(parts).reshape(len(block), n_cells, *parts[0].shape[1:])
         ds = to_dataset(model, x, block, cells)
+        member_attrs = dict(ds[MEMBER].attrs)
         for v in model.channel_names:  # observed pixels exactly as given
             o = restored_obs[v]
             ds[v] = xr.where(o.notnull(), o, ds[v]).transpose(*ds[v].dims).astype(np.float32)
             ds[v].attrs = dict(model.meta.get("var_attrs", {}).get(v, {}))
+        ds[MEMBER].attrs = member_attrs  # xr.where drops coordinate attributes
         return ds
 
     return emit(block_dataset, blocks, members, attrs, out=out, request={"members": members},

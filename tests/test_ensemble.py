@@ -153,6 +153,8 @@ def test_gap_filling_keeps_observed_pixels_and_land(trained):
     obs["tas"] = obs["tas"].where(~gaps)
     filled = fill_gaps(trained["run"], obs, members=3, steps=3, resample=2, progress=False)
     assert filled["tas"].dims == ("member", "time", "latitude", "longitude")
+    assert filled["member"].attrs["standard_name"] == "realization"
+    assert filled["tas"].attrs["units"] == "K"
     seen = obs["tas"].notnull()
     np.testing.assert_array_equal(filled["tas"].where(seen).isel(member=0).values,
                                   obs["tas"].where(seen).values)
