@@ -123,7 +123,10 @@ def to_dataset(model: LoadedModel, x: np.ndarray, members: Sequence[int],
         ds[name].attrs = dict(var_attrs.get(name, {}))
     ds[MEMBER].attrs = {"standard_name": "realization", "long_name": "ensemble member",
                         "units": "1"}
-    return restore(ds, model.grid)
+    out = restore(ds, model.grid)
+    for name, axis in ((model.grid.lat_name, "Y"), (model.grid.lon_name, "X")):
+        out[name].attrs.setdefault("axis", axis)  # CF 4: lets every reader find the axes
+    return out
 
 
 def _provenance(model: LoadedModel, *, sampler: str, steps: int, guidance: float, seed: int,

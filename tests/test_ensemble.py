@@ -230,7 +230,9 @@ def test_cf_check_flags_broken_files(trained, tmp_path):
     raw = xr.open_dataset(out, decode_cf=False).load()
     raw.attrs["Conventions"] = "none"
     raw["member"].attrs.pop("standard_name")
-    raw["latitude"].values[[0, 1]] = raw["latitude"].values[[1, 0]]
+    lat = raw["latitude"].values.copy()
+    lat[[0, 1]] = lat[[1, 0]]
+    raw = raw.assign_coords(latitude=("latitude", lat, raw["latitude"].attrs))
     del raw["tas"].attrs["units"]
     problems = cf_problems(raw)
     for fragment in ("Conventions", "realization", "not strictly monotonic", "no units"):
