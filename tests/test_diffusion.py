@@ -33,15 +33,6 @@ from geodiff.diffusion import (
 from geodiff.edm import EDMPrecond, edm_loss, estimate_sigma_data, karras_sigmas
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids thread contention on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

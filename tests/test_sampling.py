@@ -19,15 +19,6 @@ from geodiff.edm import EDMPrecond, karras_sigmas
 from geodiff.sampling import SAMPLERS, guided, inpaint, sample, sigma_grid
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids thread contention on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def gens(n: int, start: int = 0) -> list[torch.Generator]:
     return [gen(start + i) for i in range(n)]
 
