@@ -447,6 +447,8 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
                           + " / ".join(errors))
     if origin is Literal:
         allowed = get_args(tp)
+        if isinstance(value, bool) and ("on" if value else "off") in allowed:
+            value = "on" if value else "off"  # YAML 1.1 reads a bare off/on as a boolean
         if value not in allowed:
             raise ConfigError(f"{path} = {value!r} is not allowed; choose one of {list(allowed)}")
         return value

@@ -101,6 +101,10 @@ class LatLonPad(nn.Module):
             raise ValueError(f"pole padding needs an even number of longitudes, got W={w} (at "
                              "this resolution level); use an even W divisible by "
                              "2**len(channels)")
+        if torch.compiler.is_compiling():
+            # under torch.compile the plain tensor version lets Inductor fuse the halo into
+            # the neighbouring kernels (it cannot trace the index caches of _SpherePad)
+            return _sphere_pad_traceable(F.silu(x) if silu else x, p, pole)
         return _SpherePad.apply(x, p, pole, silu)
 
     def forward(self, x: Tensor, silu: bool = False) -> Tensor:
@@ -134,6 +138,22 @@ def _halo_index(h: int, w: int, p: int, pole: bool, device: torch.device
     src_x = (src_row * w + src_col).flatten()[halo]
     src = (src_x // w + ph) * (w + 2 * p) + src_x % w + p
     return dst.to(device), src.to(device), src_x.to(device)
+
+
+def _sphere_pad_traceable(x: Tensor, p: int, pole: bool) -> Tensor:
+    """:class:`_SpherePad` (without the fused SiLU) in plain differentiable tensor operations.
+
+    Same output as ``_SpherePad.apply(x, p, pole, False)``: the ``p`` rows beyond a pole are
+    the edge rows in reverse order rolled by ``W / 2``, then every row is extended
+    circularly. Slow in eager mode (each ``cat`` copies the whole tensor), fused into one
+    kernel by ``torch.compile``.
+    """
+    if pole:
+        w = x.shape[-1]
+        south = x[..., :p, :].flip(-2).roll(w // 2, -1)                 # rows -p..-1
+        north = x[..., -p:, :].flip(-2).roll(w // 2, -1)                # rows H..H+p-1
+        x = torch.cat([south, x, north], dim=-2)
+    return torch.cat([x[..., -p:], x, x[..., :p]], dim=-1)
 
 
 class _SpherePad(torch.autograd.Function):

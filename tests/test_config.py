@@ -68,6 +68,16 @@ def test_overrides_parse_yaml_values_and_validate():
         r.override(["nosuch.key=1"])
 
 
+def test_bare_off_is_the_string_off_not_false():
+    # YAML 1.1 (PyYAML) reads `amp: off` as False; the recipe still means the option "off"
+    r = recipe_from_dict(yaml.safe_load("name: t\ndata: {source: x.nc, variables: [tas]}\n"
+                                        "training: {amp: off}\n"))
+    assert r.training.amp == "off"
+    assert recipe_from_dict(MINIMAL).override(["training.amp=off"]).training.amp == "off"
+    with pytest.raises(ConfigError, match="training.amp = True is not allowed"):
+        recipe_from_dict(MINIMAL).override(["training.amp=on"])  # no "on" option
+
+
 def test_trend_anomaly_requires_year_conditioning():
     data = {**MINIMAL, "scaling": {"anomaly": "trend"}}
     with pytest.raises(ConfigError, match="conditioning.year: true"):

@@ -357,6 +357,65 @@ def test_cpu_bf16_autocast_close_to_float32() -> None:
     assert (low.float() - ref).abs().max() < 0.05 * ref.abs().max()
 
 
+@pytest.mark.parametrize("topology", [GLOBAL, PERIODIC])
+@pytest.mark.parametrize("pad", [1, 2])
+def test_traceable_padding_equals_the_fused_one(topology: GridTopology, pad: int) -> None:
+    # the version torch.compile traces must be the same copy as the eager autograd.Function
+    from geodiff.nn import _SpherePad, _sphere_pad_traceable
+    x = randn(2, 3, 6, 10)
+    assert torch.equal(_sphere_pad_traceable(x, pad, topology.pole_padding),
+                       _SpherePad.apply(x, pad, topology.pole_padding, False))
+
+
+def _compiled_matches_eager(module: nn.Module, params: list[nn.Parameter], *args: torch.Tensor,
+                            backend: str) -> None:
+    """``torch.compile(module, backend=backend)`` gives the eager outputs and gradients."""
+    def run(fn: nn.Module) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        for p in params:
+            p.grad = None
+        out = fn(*args)
+        out.square().mean().backward()
+        return out.detach(), [p.grad.clone() for p in params]
+
+    ref, ref_grads = run(module)
+    torch._dynamo.reset()
+    out, grads = run(torch.compile(module, backend=backend))
+    # Inductor re-associates float32 sums (fused group norm, conv epilogues): differences
+    # of a few float32 roundings of the largest value, nowhere near a wrong halo (O(1))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-4 * float(r.abs().max()) + 1e-8)
+
+
+def test_torch_compile_of_the_whole_net_matches_eager() -> None:
+    """``training.compile: true``: Dynamo captures forward and backward of the whole net.
+
+    Graph capture with the eager backend (``aot_eager``) checks every layer of the net, in
+    seconds; Inductor's code generation is checked on the padded convolution below (a cold
+    Inductor build of the whole net costs minutes of C++ compilation on 2 cores).
+    """
+    net = make_net(cond_dim=2, periodic_lon=True, pole_padding=True)
+    x, t, c = randn(2, 3, 8, 16), torch.tensor([0.3, 4.0]), randn(2, 2, seed=3)
+    drop = torch.tensor([True, False])                       # so the null embedding is used
+    _compiled_matches_eager(net, list(net.parameters()), x, t, c, drop, backend="aot_eager")
+
+
+def test_inductor_compiles_padding_across_resolutions() -> None:
+    # torch 2.13's Inductor failed (ValueRangeError) on the eager padding's index caches
+    # as soon as one graph padded two grid sizes (a stride-2 conv, then a conv of its output);
+    # under compile the padding is traced as plain flips, rolls and concatenations
+    from geodiff.nn import Downsample
+    torch.manual_seed(0)
+    net = nn.Sequential(Downsample(3, topology=GLOBAL), LatLonConv2d(3, 4, 3, topology=GLOBAL))
+    x = randn(2, 3, 8, 16, seed=5)
+    with torch.no_grad():
+        ref = net(x)
+        torch._dynamo.reset()
+        out = torch.compile(net)(x)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+    _compiled_matches_eager(net, list(net.parameters()), x, backend="inductor")
+
+
 # ---------------------------------------------------------------------------------------
 # configuration
 
