@@ -361,7 +361,7 @@ def test_cpu_bf16_autocast_close_to_float32() -> None:
 @pytest.mark.parametrize("pad", [1, 2])
 def test_traceable_padding_equals_the_fused_one(topology: GridTopology, pad: int) -> None:
     # the version torch.compile traces must be the same copy as the eager autograd.Function
-    from geodiff.nn import _SpherePad, _sphere_pad_traceable
+    from geodiff.nn import _sphere_pad_traceable, _SpherePad
     x = randn(2, 3, 6, 10)
     assert torch.equal(_sphere_pad_traceable(x, pad, topology.pole_padding),
                        _SpherePad.apply(x, pad, topology.pole_padding, False))
