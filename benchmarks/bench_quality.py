@@ -84,7 +84,7 @@ from geodiff.runtime import resolve_device  # noqa: E402
 
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 NAME = "bench_quality"
-DEFAULT_STEPS = "heun:5,10,25,50;dpmpp:10,25,50,250;ddpm:250,1000"
+DEFAULT_STEPS = "heun:5,10,25,50;dpmpp:10,25,50,250,1000;ddpm:250,1000"
 SMOKE_STEPS = "heun:2,3;dpmpp:2,3;ddpm:3"
 SMOKE_OVERRIDES = ("model.channels=[8,16,32]", "training.steps=40", "training.warmup_steps=5",
                    "training.ema_halflife_steps=5", "training.val_every=1000",

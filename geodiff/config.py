@@ -101,6 +101,12 @@ class ScalingConfig:
     trend_coord: str = "year"
     trend_by: str | None = None
     trend_degree: int = 3
+    trend_smoothing: float | None = None
+    """With ``anomaly: trend``: bandwidth (in ``trend_coord`` units, e.g. years) of a Gaussian
+    kernel average of the training residuals around the polynomial, added to the trend so
+    the mean field follows decadal swings a low-degree polynomial misses. A sample's own
+    ``trend_coord`` value is left out of its average, so training anomalies keep their full
+    spread. ``null``: polynomial only."""
     climatology_period: Literal["dayofyear", "month"] = "month"
     per_pixel_std: bool = False
     """Divide the anomaly by its per-pixel standard deviation before range scaling."""
@@ -113,6 +119,11 @@ class ScalingConfig:
         _require(self.n_std > 0, f"{path}.n_std", self.n_std, "> 0")
         _require(0 <= self.trend_degree <= 8, f"{path}.trend_degree", self.trend_degree,
                  "0..8")
+        if self.trend_smoothing is not None:
+            _require(self.trend_smoothing > 0, f"{path}.trend_smoothing", self.trend_smoothing,
+                     "> 0 (a kernel bandwidth in trend_coord units) or null")
+            _require(self.anomaly == "trend", f"{path}.trend_smoothing", self.trend_smoothing,
+                     "null unless anomaly: trend (it smooths the trend's residuals)")
 
 
 @dataclass(frozen=True)
@@ -253,8 +264,10 @@ class SamplingConfig:
     """Classifier-free guidance scale (1 = plain conditional model)."""
     members: int = 32
     batch_size: int = 32
-    rho: float = 7.0
-    """Exponent of the Karras et al. (2022) noise-level spacing."""
+    rho: float | None = None
+    """Exponent of the Karras et al. (2022) noise-level spacing; ``.inf`` spaces the levels
+    evenly in log sigma. ``null``: the sampler's default (``inf`` for dpmpp, 7 otherwise;
+    :func:`geodiff.sampling.default_rho`)."""
 
     def validate(self, path: str) -> None:
         _require(self.steps >= 1, f"{path}.steps", self.steps, ">= 1")
@@ -262,6 +275,8 @@ class SamplingConfig:
         _require(self.guidance >= 0, f"{path}.guidance", self.guidance, ">= 0")
         _require(self.members >= 1, f"{path}.members", self.members, ">= 1")
         _require(self.batch_size >= 1, f"{path}.batch_size", self.batch_size, ">= 1")
+        _require(self.rho is None or self.rho > 0, f"{path}.rho", self.rho,
+                 "> 0 (.inf for log-uniform levels) or null")
 
 
 @dataclass(frozen=True)

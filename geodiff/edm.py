@@ -93,7 +93,9 @@ def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7
     """Noise levels ``sigma_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) -
     sigma_max^(1/rho)))^rho``, i = 0 .. N-1, followed by ``sigma_N = 0`` (Karras et al. 2022,
     eq. 5): a float64 tensor of shape (steps + 1,), decreasing.  ``steps = 1`` gives
-    ``[sigma_max, 0]``."""
+    ``[sigma_max, 0]``.  ``rho = inf`` is the limit of eq. 5, levels evenly spaced in
+    ``log sigma`` (uniform in log-SNR, the spacing Lu et al. 2022 use for DPM-Solver on
+    low-resolution data)."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"{steps=} must be an integer >= 1")
     if not 0 < sigma_min < sigma_max:
@@ -103,6 +105,10 @@ def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7
     if steps == 1:
         return torch.tensor([sigma_max, 0.0], dtype=torch.float64)
     ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
+    if math.isinf(rho):
+        sigmas = torch.exp(math.log(sigma_max) + ramp * (math.log(sigma_min)
+                                                         - math.log(sigma_max)))
+        return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     sigmas = (hi + ramp * (lo - hi)) ** rho
     return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])

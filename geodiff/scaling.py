@@ -15,10 +15,22 @@ the normalised coordinate ``t = (year - t_center) / t_scale`` (``t`` in [-1, 1] 
 years), fitted separately for every value of ``trend_by`` (e.g. each scenario): the normal
 equations ``(P^T W P) c = P^T W y`` with ``W`` the validity mask are accumulated chunk by chunk
 and solved per pixel. Legendre polynomials keep ``P^T P`` well conditioned on [-1, 1].
+
+With ``trend_smoothing = b`` the mean field adds a local term to the polynomial: a
+Nadaraya-Watson (Gaussian kernel) average of the training residuals ``r_j`` around it,
+
+    m(t) = poly(t) + sum_j K(t - t_j) n_j R_j / sum_j K(t - t_j) n_j,   K(d) = exp(-d^2 / 2b^2)
+
+over the distinct training coordinate values ``t_j`` (``R_j`` the mean residual of the
+``n_j`` samples at ``t_j``, per label and pixel), with ``K`` cut at ``4 b`` and **zero at
+``d = 0``**: a sample's own year never enters its mean, so training anomalies keep the
+spread of the held-out ones (a kernel that included it would shrink them by ``1 /
+sum_j K``). Stored per anchor ``t_j``; evaluated in closed form for any ``t``.
 """
 
 from __future__ import annotations
 
+import base64
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -64,6 +76,11 @@ class VariableStats:
     pixel_std: np.ndarray | None
     attrs: dict[str, Any]
     dtype: str
+    local_field: np.ndarray | None = None
+    """``trend_smoothing``: mean residual ``(n_label, n_anchor, *pixel)`` per training
+    coordinate value (float32; NaN where no valid sample)."""
+    local_count: np.ndarray | None = None
+    """``trend_smoothing``: samples ``(n_label, n_anchor)`` behind each mean residual."""
 
 
 class Scaler:
@@ -77,7 +94,7 @@ class Scaler:
     def __init__(self, config: ScalingConfig, sample_dims: Sequence[str],
                  stats: Mapping[str, VariableStats], *, t_center: float = 0.0,
                  t_scale: float = 1.0, labels: Sequence[Any] = (),
-                 periods: Sequence[int] = ()) -> None:
+                 periods: Sequence[int] = (), anchors: Sequence[float] = ()) -> None:
         self.config = config
         self.sample_dims = tuple(sample_dims)
         self.stats = dict(stats)
@@ -85,6 +102,8 @@ class Scaler:
         self.t_scale = float(t_scale)
         self.labels = tuple(labels)
         self.periods = tuple(int(p) for p in periods)
+        self.anchors = np.asarray(anchors, dtype=np.float64)
+        """Distinct training values of ``trend_coord`` (``trend_smoothing`` only)."""
 
     @property
     def variables(self) -> tuple[str, ...]:
@@ -141,6 +160,8 @@ class Scaler:
         if cfg.trend_by is not None:
             lab = _label_coord(ds, cfg.trend_by, "fit")
             self.labels = tuple(_unique_in_order(np.asarray(lab.values).ravel()))
+        if cfg.trend_smoothing is not None:
+            self.anchors = np.unique(t)
 
     def _fit_variable(self, ds: xr.Dataset, name: str) -> VariableStats:
         cfg = self.config
@@ -163,6 +184,9 @@ class Scaler:
             y = np.log1p(y)
         if cfg.anomaly == "trend":
             stats.mean_field = self._fit_trend(ds, y, reduce_dims, pixel_dims)
+            if cfg.trend_smoothing is not None:
+                resid = y - self._polynomial(stats, ds, y, "fit")
+                stats.local_field, stats.local_count = self._fit_local(ds, resid, reduce_dims)
         elif cfg.anomaly == "climatology":
             stats.mean_field = self._fit_climatology(ds, y, reduce_dims)
         a = y - self._mean_field(stats, ds, y, "fit") if cfg.anomaly != "none" else y
@@ -197,6 +221,65 @@ class Scaler:
             c[g[..., 0, 0] == 0] = np.nan  # pixels never valid in training
             coefs.append(np.moveaxis(c, -1, 0))  # (D, *pix)
         return np.stack(coefs)  # (n_label, D, *pix)
+
+    def _fit_local(self, ds: xr.Dataset, resid: xr.DataArray, reduce_dims: tuple[str, ...]
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """Mean residual per (label, anchor, pixel) and samples per (label, anchor)."""
+        cfg = self.config
+        parts = []
+        for label in (self.labels if cfg.trend_by is not None else (None,)):
+            sub = resid if label is None else _select_label(resid, ds, cfg.trend_by, label)
+            t = _time_feature(sub, cfg.trend_coord, "fit")
+            if t.ndim != 1 or t.dims[0] not in reduce_dims:
+                raise ValueError(f"trend_smoothing needs trend_coord={cfg.trend_coord!r} along "
+                                 f"one sample dim, got dims {t.dims}; set trend_smoothing: "
+                                 "null")
+            other = [d for d in reduce_dims if d != t.dims[0]]
+            pixel = [d for d in sub.dims if d not in reduce_dims]
+            key = xr.DataArray(np.asarray(t.values, np.float64), dims=t.dims, name="_anchor")
+            valid = sub.notnull()
+            total = sub.fillna(0.0).sum(other).groupby(key).sum()     # (anchor, *pixel)
+            count = valid.sum(other).groupby(key).sum()
+            samples = valid.any(pixel).sum(other).groupby(key).sum()  # (anchor,)
+            parts.append((total, count, samples))
+        (computed,) = dask.compute(parts)
+        fields, counts = [], []
+        for total, count, samples in computed:
+            where = np.searchsorted(self.anchors, total["_anchor"].values)
+            field = np.full((self.anchors.size, *total.shape[1:]), np.nan)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                field[where] = np.where(count.values > 0, total.values / count.values, np.nan)
+            n = np.zeros(self.anchors.size)
+            n[where] = samples.values
+            fields.append(field)
+            counts.append(n)
+        return np.stack(fields).astype(np.float32), np.stack(counts)
+
+    def _local(self, field: np.ndarray, counts: np.ndarray, t: np.ndarray,
+               label: np.ndarray) -> np.ndarray:
+        """The kernel term ``(*t.shape, *pixel)`` at coordinate values ``t`` of labels ``label``
+        from the mean residuals ``field`` ``(L, A, *pixel)`` of ``counts`` ``(L, A)`` samples.
+
+        Rows whose window holds no valid anchor get 0 (the polynomial alone).
+        """
+        b = float(self.config.trend_smoothing)
+        t, label = np.broadcast_arrays(np.asarray(t, np.float64), np.asarray(label))
+        pixel_shape = field.shape[2:]
+        out = np.zeros((t.size, int(np.prod(pixel_shape, dtype=int))))
+        flat_t, flat_label = t.ravel(), label.ravel()
+        for lab in np.unique(flat_label):
+            rows = np.flatnonzero(flat_label == lab)
+            d = flat_t[rows, None] - self.anchors[None, :]               # (n, A)
+            k = np.exp(-0.5 * (d / b) ** 2)
+            k[(np.abs(d) > 4 * b) | (np.abs(d) <= 1e-9 * b)] = 0.0        # window; own t left out
+            k *= counts[lab][None, :]
+            f = field[lab].reshape(self.anchors.size, -1).astype(np.float64)   # (A, P)
+            ok = np.isfinite(f)
+            num = k @ np.where(ok, f, 0.0)
+            den = k @ ok.astype(np.float64)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out[rows] = np.where(den > 0, num / den, 0.0)
+        return out.reshape(*t.shape, *pixel_shape)
 
     def _fit_climatology(self, ds: xr.Dataset, y: xr.DataArray,
                          reduce_dims: tuple[str, ...]) -> np.ndarray:
@@ -255,6 +338,29 @@ class Scaler:
                                   output_core_dims=[list(pix)], dask="parallelized",
                                   output_dtypes=[np.float64],
                                   dask_gufunc_kwargs={"output_sizes": sizes})
+        trend = self._polynomial(stats, ds, like, action)
+        if stats.local_field is None:
+            return trend
+        t = _time_feature(ds, cfg.trend_coord, action)
+        label = (xr.zeros_like(t, dtype=np.int64) if cfg.trend_by is None else
+                 _index_of(_label_coord(ds, cfg.trend_by, action), self.labels, cfg.trend_by,
+                           action))
+        t, label = xr.broadcast(t.reset_coords(drop=True), label)
+        sizes = dict(zip(pix, stats.local_field.shape[2:], strict=True))
+        local_field = self._pixel_array(stats, stats.local_field, like)
+        local = xr.apply_ufunc(lambda tt, ll: self._local(local_field, stats.local_count, tt, ll),
+                               _chunk_like(t, like), _chunk_like(label, like),
+                               output_core_dims=[list(pix)], dask="parallelized",
+                               output_dtypes=[np.float64],
+                               dask_gufunc_kwargs={"output_sizes": sizes})
+        return trend + local
+
+    def _polynomial(self, stats: VariableStats, ds: xr.Dataset, like: xr.DataArray,
+                    action: str) -> xr.DataArray:
+        """The polynomial part of the trend at the samples of ``like``."""
+        cfg = self.config
+        pix = stats.pixel_dims
+        field = self._pixel_array(stats, stats.mean_field, like)
         coefs = xr.DataArray(field, dims=(_LABEL, _DEGREE, *pix))
         if cfg.trend_by is None:
             coefs = coefs.isel({_LABEL: 0})
@@ -361,12 +467,13 @@ class Scaler:
             "config": _plain_config(self.config), "sample_dims": list(self.sample_dims),
             "t_center": self.t_center, "t_scale": self.t_scale,
             "labels": _plain_list(np.asarray(self.labels, dtype=object)),
-            "periods": list(self.periods),
+            "periods": list(self.periods), "anchors": self.anchors.tolist(),
             "variables": {name: {
                 "pixel_dims": list(s.pixel_dims), "pixel_coords": s.pixel_coords,
                 "range_dims": list(s.range_dims), "attrs": s.attrs, "dtype": s.dtype,
                 "center": _encode(s.center), "half_range": _encode(s.half_range),
                 "mean_field": _encode(s.mean_field), "pixel_std": _encode(s.pixel_std),
+                "local_field": _encode(s.local_field), "local_count": _encode(s.local_count),
             } for name, s in self.stats.items()},
         }
 
@@ -383,9 +490,11 @@ class Scaler:
             range_dims=tuple(s["range_dims"]), center=_decode(s["center"]),
             half_range=_decode(s["half_range"]), mean_field=_decode(s["mean_field"]),
             pixel_std=_decode(s["pixel_std"]), attrs=dict(s["attrs"]), dtype=s["dtype"],
+            local_field=_decode(s.get("local_field")), local_count=_decode(s.get("local_count")),
         ) for name, s in d["variables"].items()}
         return cls(ScalingConfig(**cfg), d["sample_dims"], stats, t_center=d["t_center"],
-                   t_scale=d["t_scale"], labels=d["labels"], periods=d["periods"])
+                   t_scale=d["t_scale"], labels=d["labels"], periods=d["periods"],
+                   anchors=d.get("anchors", ()))
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -520,16 +629,31 @@ def _plain_config(cfg: ScalingConfig) -> dict[str, Any]:
     return d
 
 
+_B64_MIN_SIZE = 4096
+"""Arrays this large are stored as base64 of their little-endian bytes (exact, ~4x smaller
+than a JSON list of float64 reprs); smaller ones as readable lists."""
+
+
 def _encode(arr: np.ndarray | None) -> dict[str, Any] | None:
     if arr is None:
         return None
-    a = np.asarray(arr, dtype=np.float64)
-    return {"shape": list(a.shape),
+    if np.asarray(arr).dtype == np.float32:
+        a = np.asarray(arr, dtype="<f4")
+    else:
+        a = np.asarray(arr, dtype=np.float64)
+    if a.size >= _B64_MIN_SIZE:
+        return {"shape": list(a.shape), "dtype": a.dtype.str,
+                "base64": base64.b64encode(np.ascontiguousarray(a).tobytes()).decode("ascii")}
+    return {"shape": list(a.shape), "dtype": a.dtype.str,
             "data": [None if math.isnan(v) else v for v in a.ravel().tolist()]}
 
 
 def _decode(d: Mapping[str, Any] | None) -> np.ndarray | None:
     if d is None:
         return None
-    flat = np.array([np.nan if v is None else v for v in d["data"]], dtype=np.float64)
+    dtype = np.dtype(d.get("dtype", "<f8"))
+    if "base64" in d:
+        flat = np.frombuffer(base64.b64decode(d["base64"]), dtype=dtype).copy()
+    else:
+        flat = np.array([np.nan if v is None else v for v in d["data"]], dtype=dtype)
     return flat.reshape(d["shape"])

@@ -120,6 +120,53 @@ def test_trend_is_per_scenario_least_squares_polynomial_in_year():
     np.testing.assert_allclose(a, expected, rtol=0, atol=4 * EPS32 * float(stats.half_range))
 
 
+@pytest.mark.parametrize("lazy", [False, True])
+def test_trend_smoothing_adds_leave_own_year_out_kernel_mean_of_residuals(lazy):
+    ds = make_ds(n_time=40, nan_frac=0.05, seed=7)
+    if lazy:
+        ds = ds.chunk({"time": 7})
+    b = 3.0
+    scaler = fit(ds, method="minmax", margin=0.0, anomaly="trend", trend_by="scenario",
+                 trend_degree=2, trend_smoothing=b)
+    stats = scaler.stats["tas"]
+    a = (scaler.transform(ds)["tas"].values.astype(np.float64) * stats.half_range
+         + stats.center)
+    x = ds["tas"].values.astype(np.float64)
+    year = ds["year"].values.astype(np.float64)
+    expected = np.full_like(x, np.nan)
+    for s in range(2):
+        for i in range(x.shape[2]):
+            for j in range(x.shape[3]):
+                ok = np.isfinite(x[s, :, i, j])
+                r = x[s, :, i, j] - np.polyval(np.polyfit(year[ok], x[s, ok, i, j], 2), year)
+                for k in range(len(year)):
+                    d = year - year[k]
+                    w = np.exp(-0.5 * (d / b) ** 2) * (np.abs(d) <= 4 * b) * (d != 0) * ok
+                    local = (w * np.where(ok, r, 0.0)).sum() / w.sum()
+                    expected[s, k, i, j] = r[k] - local if ok[k] else np.nan
+    # local_field is stored as float32: relative 6e-8 of residuals ~10
+    np.testing.assert_allclose(a, expected, rtol=0, atol=1e-5 * float(stats.half_range))
+    # held-out years between and beyond the anchors: the closed form, nothing left out
+    other = ds.isel(time=[3]).assign_coords(year=("time", [1903.5]))
+    a_new = (scaler.transform(other)["tas"].values.astype(np.float64) * stats.half_range
+             + stats.center)
+    s, i, j = 1, 2, 3
+    ok = np.isfinite(x[s, :, i, j])
+    r = x[s, :, i, j] - np.polyval(np.polyfit(year[ok], x[s, ok, i, j], 2), year)
+    w = np.exp(-0.5 * ((year - 1903.5) / b) ** 2) * (np.abs(year - 1903.5) <= 4 * b) * ok
+    trend = np.polyval(np.polyfit(year[ok], x[s, ok, i, j], 2), 1903.5)
+    want = x[s, 3, i, j] - trend - (w * np.where(ok, r, 0)).sum() / w.sum()
+    if np.isfinite(x[s, 3, i, j]):
+        assert abs(a_new[s, 0, i, j] - want) < 1e-5 * float(stats.half_range)
+
+
+def test_trend_smoothing_needs_trend_anomaly():
+    from geodiff.config import ConfigError, recipe_from_dict
+    with pytest.raises(ConfigError, match="trend_smoothing = 3.0 is invalid.*anomaly: trend"):
+        recipe_from_dict({"name": "t", "data": {"source": "x.nc", "variables": ["tas"]},
+                          "scaling": {"trend_smoothing": 3.0}})
+
+
 def test_trend_without_trend_by_fits_one_curve_for_all_samples():
     ds = make_ds(n_time=30, seed=6)
     scaler = fit(ds, method="minmax", anomaly="trend", trend_degree=1)
@@ -168,6 +215,8 @@ CONFIGS = [
     dict(method="minmax", anomaly="climatology", climatology_period="dayofyear",
          per_pixel_std=True),
     dict(method="quantile", transform="log1p", anomaly="trend", trend_degree=2),
+    dict(method="standard", anomaly="trend", trend_by="scenario", trend_smoothing=2.5,
+         per_pixel_std=True),
 ]
 
 
@@ -298,3 +347,16 @@ def test_fit_on_zarr_store_larger_than_memory_cap(tmp_path):
     stats = scaler.stats["tas"]
     assert float(stats.center) == pytest.approx(0.0, abs=0.015)
     assert float(stats.half_range) == pytest.approx(3.0902 * (1 + 2 * cfg.margin), rel=5e-3)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_large_arrays_are_stored_exactly_as_base64(dtype):
+    from geodiff.scaling import _decode, _encode
+    rng = np.random.default_rng(3)
+    arr = rng.standard_normal((3, 50, 40)).astype(dtype) * 1e3
+    arr[0, 1, 2] = np.nan
+    enc = json.loads(json.dumps(_encode(arr)))
+    assert "base64" in enc
+    back = _decode(enc)
+    assert back.dtype == dtype and back.shape == arr.shape
+    assert back.tobytes() == arr.tobytes()
