@@ -162,8 +162,10 @@ def quickstart_scores(ens_path: Path, obs_path: Path, analog_path: Path, out_dir
     w = analysis.lat_weights(obs[var])
     crps_g = (analysis.crps_fair(ens[var], obs[var]) * w).mean(_spatial(obs[var]))
     crps_a = (fair_crps_ragged(analog[var], obs[var]) * w).mean(_spatial(obs[var]))
-    g = crps_g.values.ravel()
-    a = crps_a.values.ravel()
+    # pair the fields: the ensemble file's condition dims may be ordered differently
+    fields = [d for d in obs[var].dims if d not in _spatial(obs[var])]
+    g = crps_g.transpose(*fields).values.ravel()
+    a = crps_a.transpose(*fields).values.ravel()
     rng = np.random.default_rng(0)
     idx = rng.integers(0, g.size, size=(2000, g.size))
     ratios = g[idx].mean(1) / a[idx].mean(1)

@@ -57,6 +57,27 @@ def test_analog_ensemble_uses_same_scenario_within_ten_years():
     np.testing.assert_array_equal(got, want)
 
 
+def test_quickstart_scores_pair_fields_whatever_the_dim_order(tmp_path):
+    # the same ensemble as "geodiff" (dims member, time, scenario) and as the analog
+    # (member, scenario, time): every bootstrap resample of paired fields has ratio exactly 1
+    from geodiff.quickstart import quickstart_scores
+    rng = np.random.default_rng(4)
+    ens = xr.DataArray(rng.normal(size=(6, 2, 5, 3, 4)) * rng.uniform(0.2, 3, (1, 2, 5, 1, 1)),
+                       dims=("member", "scenario", "time", "lat", "lon"),
+                       coords={"scenario": ["A1B", "E1"], "time": np.arange(5),
+                               "lat": [0.0, 1.0, 2.0], "lon": [0.0, 1.0, 2.0, 3.0]})
+    obs = ens.isel(member=0) + rng.normal(size=ens.shape[1:])
+    ens.transpose("member", "time", "scenario", "lat", "lon").to_dataset(name="tas").to_netcdf(
+        tmp_path / "ens.nc")
+    ens.to_dataset(name="tas").to_netcdf(tmp_path / "analog.nc")
+    obs.to_dataset(name="tas").to_netcdf(tmp_path / "obs.nc")
+    s = quickstart_scores(tmp_path / "ens.nc", tmp_path / "obs.nc", tmp_path / "analog.nc",
+                          tmp_path / "report", "tas")["summary"]
+    assert s["crps_ratio_vs_analog"] == pytest.approx(1.0, abs=1e-12)
+    assert s["crps_ratio_ci_low"] == pytest.approx(1.0, abs=1e-12)
+    assert s["crps_ratio_ci_high"] == pytest.approx(1.0, abs=1e-12)
+
+
 @pytest.mark.parametrize("fraction", [0.1, 0.3, 0.6])
 def test_cloud_mask_hides_the_requested_fraction_of_valid_pixels(fraction):
     valid = np.ones((18, 96), bool)
