@@ -5,9 +5,11 @@ Not a test. For each grid (lat x lon) and channel count the script times
 * a **training step** (forward, MSE loss, backward, Adam step) and
 * a **sampling step** (one network evaluation without gradients, eval mode)
 
-for three networks of matched size: geodiff's :class:`~geodiff.unet.LatLonUNet` on a global
+for four networks of matched size: geodiff's :class:`~geodiff.unet.LatLonUNet` on a global
 grid (circular longitude + pole padding, the configuration it exists for), the same network
-on a regional grid (zero padding, exactly what diffusers does) and ``diffusers.UNet2DModel``
+on a regional grid (zero padding, exactly what diffusers does), ``diffusers.UNet2DModel`` made
+seam-free the obvious way (``padding_mode="circular"`` in every padded ``Conv2d``: the fair
+peer on a global grid, ratios ``*_vs_diffusers_circular``) and plain ``diffusers.UNet2DModel``
 with the same widths, blocks, attention levels, group norm and scale-shift embedding
 (parameter counts are printed and must agree within 10 %). Timings interleave the models
 step by step, so the load of a shared machine hits all of them alike, and report medians.
@@ -107,21 +109,32 @@ def build_models(setting: Setting, channels: int, grid: tuple[int, int]) -> dict
     up = tuple("AttnUpBlock2D" if i == levels - 1 else "UpBlock2D"
                for i in reversed(range(levels)))
     torch.manual_seed(0)
+
+    def diffusers_unet() -> nn.Module:
+        return UNet2DModel(sample_size=grid, in_channels=channels, out_channels=channels,
+                           block_out_channels=widths, layers_per_block=setting.blocks,
+                           down_block_types=down, up_block_types=up, norm_num_groups=8,
+                           attention_head_dim=widths[-1] // heads,
+                           resnet_time_scale_shift="scale_shift")
+
+    circular = diffusers_unet()
+    for module in circular.modules():  # the obvious way to make diffusers seam-free
+        if isinstance(module, nn.Conv2d) and module.padding != (0, 0):
+            module.padding_mode = "circular"
+            module._reversed_padding_repeated_twice = [
+                p for p in reversed(module.padding) for _ in range(2)]
     return {
         "geodiff_global": LatLonUNet(channels, channels, periodic_lon=True, pole_padding=True,
                                      **common),
         "geodiff_regional": LatLonUNet(channels, channels, **common),
-        "diffusers": UNet2DModel(sample_size=grid, in_channels=channels, out_channels=channels,
-                                 block_out_channels=widths, layers_per_block=setting.blocks,
-                                 down_block_types=down, up_block_types=up, norm_num_groups=8,
-                                 attention_head_dim=widths[-1] // heads,
-                                 resnet_time_scale_shift="scale_shift"),
+        "diffusers": diffusers_unet(),
+        "diffusers_circular": circular,
     }
 
 
 def forward(name: str, model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """One network evaluation of either library's UNet."""
-    if name == "diffusers":
+    if name.startswith("diffusers"):
         return model(x, t, return_dict=False)[0]
     return model(x, t)
 
@@ -253,13 +266,18 @@ def bench_config(setting: Setting, channels: int, grid: tuple[int, int], device:
             "sample_peak_mib": peak_memory_mib(sample[name], device),
         }
     ref = out["models"]["diffusers"]
-    for name in ("geodiff_global", "geodiff_regional"):
+    circ = out["models"]["diffusers_circular"]
+    for name in ("geodiff_global", "geodiff_regional", "diffusers_circular"):
         m = out["models"][name]
         for kind in ("train", "sample"):
             m[f"{kind}_speed_ratio"] = (m[f"{kind}_samples_per_s"]
                                         / ref[f"{kind}_samples_per_s"])
             m[f"{kind}_cpu_time_ratio"] = (ref[f"{kind}_cpu_s_per_step"]
                                            / m[f"{kind}_cpu_s_per_step"])
+        if name == "geodiff_global":
+            for kind in ("train", "sample"):
+                m[f"{kind}_speed_ratio_vs_circular"] = (m[f"{kind}_samples_per_s"]
+                                                        / circ[f"{kind}_samples_per_s"])
     return out
 
 
@@ -356,7 +374,7 @@ def dpmpp_evals_to_match_ddpm(members: int, sigma_min: float = 0.002, sigma_max:
 
 def print_table(configs: list[dict]) -> None:
     """Throughput (wall clock), speed ratios vs diffusers (wall / CPU time) and memory."""
-    head = (f"{'grid':>7} {'C':>1} {'model':<16}{'params':>8} {'train/s':>8} {'ratio':>5} "
+    head = (f"{'grid':>7} {'C':>1} {'model':<19}{'params':>8} {'train/s':>8} {'ratio':>5} "
             f"{'cpu':>5} {'sample/s':>8} {'ratio':>5} {'cpu':>5} {'trainMiB':>8} "
             f"{'sampMiB':>7}")
     print(head)
@@ -366,7 +384,7 @@ def print_table(configs: list[dict]) -> None:
         for name, m in cfg["models"].items():
             r = [m.get(k, 1.0) for k in ("train_speed_ratio", "train_cpu_time_ratio",
                                          "sample_speed_ratio", "sample_cpu_time_ratio")]
-            print(f"{grid:>7} {cfg['channels']:>1} {name:<16}{cfg['params'][name]:>8} "
+            print(f"{grid:>7} {cfg['channels']:>1} {name:<19}{cfg['params'][name]:>8} "
                   f"{m['train_samples_per_s']:>8.1f} {r[0]:>5.2f} {r[1]:>5.2f} "
                   f"{m['sample_samples_per_s']:>8.1f} {r[2]:>5.2f} {r[3]:>5.2f} "
                   f"{m['train_peak_mib']:>8.1f} {m['sample_peak_mib']:>7.1f}")
@@ -406,6 +424,10 @@ def main(argv: list[str] | None = None) -> dict:
             c["models"]["geodiff_global"]["train_cpu_time_ratio"] for c in configs),
         "sample_cpu_time_ratio_vs_diffusers": min(
             c["models"]["geodiff_global"]["sample_cpu_time_ratio"] for c in configs),
+        "train_speed_ratio_vs_diffusers_circular": min(
+            c["models"]["geodiff_global"]["train_speed_ratio_vs_circular"] for c in configs),
+        "sample_speed_ratio_vs_diffusers_circular": min(
+            c["models"]["geodiff_global"]["sample_speed_ratio_vs_circular"] for c in configs),
         "dpmpp_evals_to_match_ddpm1000": None,
     }
     result = {"summary": summary, "device": device, "quick": args.quick,
