@@ -152,6 +152,13 @@ class FieldDataset(torch.utils.data.Dataset):
             self._data = _load_channels(arrays, self._n)
             self._nan_samples = _nan_rows(self._data)  # (N,)
             self._cond_data = _load_channels(cond_arrays, self._n) if cond_arrays else None
+        else:
+            # Optimise (fuse and materialise) the lazy read -> scale graph once: otherwise
+            # every batch re-culls and re-fuses the whole graph of the store, a cost that
+            # grows with its number of chunks (measured: 16 samples from a 2560-chunk store
+            # 245 ms per batch before, 49 ms after; 31 ms for the raw read alone).
+            arrays = _optimized(arrays)
+            cond_arrays = _optimized(cond_arrays)
         self._arrays, self._cond_arrays = arrays, cond_arrays
         if with_mask is None:
             with_mask = cond_config.mask_channel and self._has_nan()
@@ -388,6 +395,16 @@ def _batch_tensor(shape: tuple[int, ...], zero: bool = False) -> torch.Tensor:
     storage = torch.empty(0)._typed_storage()._new_shared(math.prod(shape), device="cpu")
     t = torch.empty(0).new(storage).resize_(*shape)
     return t.zero_() if zero else t
+
+
+def _optimized(arrays: list[xr.DataArray]) -> list[xr.DataArray]:
+    """``arrays`` with their dask graphs optimised once (numpy-backed ones unchanged)."""
+    lazy = [i for i, a in enumerate(arrays) if dask.is_dask_collection(a.data)]
+    done = dask.optimize(*[arrays[i].data for i in lazy])
+    out = list(arrays)
+    for i, data in zip(lazy, done):
+        out[i] = arrays[i].copy(data=data)
+    return out
 
 
 def _load_channels(arrays: list[xr.DataArray], n: int) -> np.ndarray:

@@ -49,6 +49,12 @@ def fit(ds: xr.Dataset, **cfg) -> Scaler:
     return Scaler.fit(ds, ScalingConfig(**cfg), ["tas"], ["scenario", "time"])
 
 
+def anomaly(scaler: Scaler, ds: xr.Dataset) -> np.ndarray:
+    """The anomaly ``x - mean field`` behind ``transform`` (minmax), up to float32 rounding."""
+    stats = scaler.stats["tas"]
+    return scaler.transform(ds)["tas"].values.astype(np.float64) * stats.half_range + stats.center
+
+
 # -- range scaling, derived by hand -------------------------------------------------------
 def test_minmax_maps_widened_range_to_unit_interval():
     ds = make_ds(n_scen=1, n_time=11, n_lat=1, n_lon=1)
@@ -106,8 +112,7 @@ def test_trend_is_per_scenario_least_squares_polynomial_in_year():
     scaler = fit(ds, method="minmax", margin=0.0, anomaly="trend", trend_by="scenario",
                  trend_degree=3)
     stats = scaler.stats["tas"]
-    a = (scaler.transform(ds)["tas"].values.astype(np.float64) * stats.half_range
-         + stats.center)  # the anomaly x - trend, up to float32 rounding of z
+    a = anomaly(scaler, ds)
     x = ds["tas"].values.astype(np.float64)
     expected = np.full_like(x, np.nan)
     for s in range(2):
@@ -129,8 +134,7 @@ def test_trend_smoothing_adds_leave_own_year_out_kernel_mean_of_residuals(lazy):
     scaler = fit(ds, method="minmax", margin=0.0, anomaly="trend", trend_by="scenario",
                  trend_degree=2, trend_smoothing=b)
     stats = scaler.stats["tas"]
-    a = (scaler.transform(ds)["tas"].values.astype(np.float64) * stats.half_range
-         + stats.center)
+    a = anomaly(scaler, ds)
     x = ds["tas"].values.astype(np.float64)
     year = ds["year"].values.astype(np.float64)
     expected = np.full_like(x, np.nan)
@@ -148,8 +152,7 @@ def test_trend_smoothing_adds_leave_own_year_out_kernel_mean_of_residuals(lazy):
     np.testing.assert_allclose(a, expected, rtol=0, atol=1e-5 * float(stats.half_range))
     # held-out years between and beyond the anchors: the closed form, nothing left out
     other = ds.isel(time=[3]).assign_coords(year=("time", [1903.5]))
-    a_new = (scaler.transform(other)["tas"].values.astype(np.float64) * stats.half_range
-             + stats.center)
+    a_new = anomaly(scaler, other)
     s, i, j = 1, 2, 3
     ok = np.isfinite(x[s, :, i, j])
     r = x[s, :, i, j] - np.polyval(np.polyfit(year[ok], x[s, ok, i, j], 2), year)
