@@ -101,7 +101,7 @@ def default_rho(sampler: str) -> float:
     DPM-Solver++, Karras et al.'s ``7`` for every other sampler.
 
     On the analytic Gaussian of ``benchmarks/bench_model.py`` DPM-Solver++(2M) matches
-    1000-step DDPM at 20 evaluations with log-SNR spacing and at 30 with ``rho = 7``; on the
+    1000-step DDPM from 16 evaluations on with log-SNR spacing, 30 with ``rho = 7``; on the
     quickstart model it lowers the spread-skill ratio from 1.17 to 1.11 at 12 steps.
     """
     return math.inf if sampler == "dpmpp" else 7.0

@@ -346,8 +346,8 @@ class Scaler:
                  _index_of(_label_coord(ds, cfg.trend_by, action), self.labels, cfg.trend_by,
                            action))
         t, label = xr.broadcast(t.reset_coords(drop=True), label)
-        sizes = dict(zip(pix, stats.local_field.shape[2:], strict=True))
         local_field = self._pixel_array(stats, stats.local_field, like)
+        sizes = dict(zip(pix, local_field.shape[2:], strict=True))
         local = xr.apply_ufunc(lambda tt, ll: self._local(local_field, stats.local_count, tt, ll),
                                _chunk_like(t, like), _chunk_like(label, like),
                                output_core_dims=[list(pix)], dask="parallelized",

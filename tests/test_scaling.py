@@ -272,11 +272,13 @@ def test_inverse_of_ensemble_with_member_dim_and_lazy_input():
     assert back["tas"].attrs["units"] == "K"
 
 
-def test_transform_of_one_level_subset():
+@pytest.mark.parametrize("smoothing", [None, 2.0])
+def test_transform_of_one_level_subset(smoothing):
     ds = make_ds(n_scen=1, levels=(850.0, 500.0, 250.0), seed=13)
-    scaler = fit(ds, method="minmax", per_level=True, anomaly="trend", per_pixel_std=True)
+    scaler = fit(ds, method="minmax", per_level=True, anomaly="trend", per_pixel_std=True,
+                 trend_smoothing=smoothing)
     full = scaler.transform(ds)["tas"].sel(level=[500.0])
-    part = scaler.transform(ds.sel(level=[500.0]))["tas"]
+    part = scaler.transform(ds.sel(level=[500.0]).chunk({"time": 5}))["tas"]
     assert part.values.tobytes() == full.values.tobytes()
 
 
