@@ -141,6 +141,7 @@ class FieldDataset(torch.utils.data.Dataset):
         arrays, self.channel_names = self._channel_arrays(ds_scaled, self.variables, "variables")
         cond_arrays, cond_names = self._channel_arrays(ds_scaled, cond_config.fields,
                                                        "conditioning.fields")
+        self._cond_names = cond_names
         self._lat_idx = padding.lat_index(self._n_lat)
         self._lon_idx = padding.lon_index(self._n_lon)
         self._rows = slice(padding.lat_before, padding.lat_before + self._n_lat)
@@ -247,20 +248,26 @@ class FieldDataset(torch.utils.data.Dataset):
                 self._pad(self._data[i], out=out[j])
             cond = self._cond_data[idx] if self._cond_data is not None else None
             return bool(self._nan_samples[idx].any()), cond
-        pos = np.unravel_index(idx, self._sample_shape)
-        if len(pos) == 1:  # orthogonal indexing of the one sample dim
-            picked = [a.data[pos[0]] for a in self._arrays + self._cond_arrays]
-        else:  # pointwise indexing of several sample dims
-            picked = [a.data.vindex[pos] for a in self._arrays + self._cond_arrays]
+        # one basic-indexed dask array per sample and array, computed together: cheaper than
+        # a fancy-indexed batch (dask shuffles and concatenates the chunks, one extra copy)
+        pos = np.stack(np.unravel_index(idx, self._sample_shape), axis=1)  # (B, n_dims)
+        arrays = self._arrays + self._cond_arrays
+        picked = [a.data[tuple(int(k) for k in p)] for a in arrays for p in pos]
         scheduler = "synchronous" if torch.utils.data.get_worker_info() else None
         values = dask.compute(*picked, scheduler=scheduler)
-        parts = [np.asarray(v).reshape(len(idx), -1, self._n_lat, self._n_lon)
-                 for v in values]  # (B, c_v, H, W) each
-        n_var = len(self._arrays)
-        block = parts[0] if n_var == 1 else np.concatenate(parts[:n_var], axis=1)
-        self._pad(block, out=out)
-        cond = np.concatenate(parts[n_var:], axis=1) if self._cond_arrays else None
-        return bool(np.isnan(block).any()), cond
+        n_var, b, (h, w) = len(self._arrays), len(idx), (self._n_lat, self._n_lon)
+        cond = (np.empty((b, len(self._cond_names), h, w), np.float32) if self._cond_arrays
+                else None)
+        for group, target in ((range(n_var), out[..., self._rows, self._cols]),
+                              (range(n_var, len(arrays)), cond)):
+            k = 0
+            for a_i in group:  # channels of array a_i: k .. k + c_v
+                for j in range(b):
+                    v = np.asarray(values[a_i * b + j]).reshape(-1, h, w)  # (c_v, H, W)
+                    target[j, k:k + len(v)] = v
+                k += len(v)
+        self._fill_halo(out)
+        return bool(np.isnan(out[..., self._rows, self._cols]).any()), cond
 
     def _has_nan(self) -> bool:
         if self.in_memory:
@@ -282,14 +289,21 @@ class FieldDataset(torch.utils.data.Dataset):
     def _pad(self, a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """``(..., H, W) -> (..., H+, W+)`` with the padding's modes, into ``out`` if given
         (without ``out`` and without padding, ``a`` itself)."""
-        p, h, w = self.padding, self._n_lat, self._n_lon
         if out is None:
-            if self._padded_shape == (h, w):
+            if self._padded_shape == (self._n_lat, self._n_lon):
                 return a
             out = np.empty((*a.shape[:-2], *self._padded_shape), a.dtype)
         out[..., self._rows, self._cols] = a
-        out[..., self._rows, :p.lon_before] = a[..., self._lon_idx[:p.lon_before]]
-        out[..., self._rows, p.lon_before + w:] = a[..., self._lon_idx[p.lon_before + w:]]
+        return self._fill_halo(out)
+
+    def _fill_halo(self, out: np.ndarray) -> np.ndarray:
+        """Fill the padding of ``out`` ``(..., H+, W+)`` from its interior, in place."""
+        p, h, w = self.padding, self._n_lat, self._n_lon
+        if self._padded_shape == (h, w):
+            return out
+        core = out[..., self._rows, :]
+        core[..., :p.lon_before] = core[..., p.lon_before + self._lon_idx[:p.lon_before]]
+        core[..., p.lon_before + w:] = core[..., p.lon_before + self._lon_idx[p.lon_before + w:]]
         out[..., :p.lat_before, :] = out[..., p.lat_before + self._lat_idx[:p.lat_before], :]
         out[..., p.lat_before + h:, :] = out[..., p.lat_before + self._lat_idx[p.lat_before + h:],
                                              :]

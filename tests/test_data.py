@@ -217,6 +217,13 @@ def test_levels_become_channels_and_static_and_condition_fields_are_inputs():
     np.testing.assert_array_equal(item["fields"][1, 1:6, 1:7].numpy(),
                                   ds["pr"].isel(scenario=0, time=4).values)
     np.testing.assert_array_equal(item["fields"][0, 0, 1:7].numpy(), static["orog"][0].values)
+    # streamed through dask (one chunk per sample): the same items, batch by batch
+    streamed = build(ds.chunk({"time": 1}), cond=cond, static=static, memory_budget_gb=0.0)
+    assert not streamed.in_memory
+    for batch in ([4], [0, 7, 3], list(range(len(fd)))):
+        for got, ref in zip(streamed.__getitems__(batch), fd.__getitems__(batch), strict=True):
+            for key in ("x", "weight", "fields", "cond", "index"):
+                assert torch.equal(got[key], ref[key]), key
 
 
 def test_streamed_dataset_equals_in_memory_and_works_with_two_workers(tmp_path):
