@@ -105,7 +105,9 @@ class LatLonPad(nn.Module):
             # under torch.compile the plain tensor version lets Inductor fuse the halo into
             # the neighbouring kernels (it cannot trace the index caches of _SpherePad)
             return _sphere_pad_traceable(F.silu(x) if silu else x, p, pole)
-        return _SpherePad.apply(x, p, pole, silu)
+        if x.requires_grad and torch.is_grad_enabled():
+            return _SpherePad.apply(x, p, pole, silu)
+        return _sphere_pad(x, p, pole, silu)  # no autograd node: sampling, evaluation
 
     def forward(self, x: Tensor, silu: bool = False) -> Tensor:
         """``x`` (or ``silu(x)``) ``(B, C, H, W)`` padded to ``(B, C, H + 2 pad, W + 2 pad)``."""
@@ -156,15 +158,78 @@ def _sphere_pad_traceable(x: Tensor, p: int, pole: bool) -> Tensor:
     return torch.cat([x[..., -p:], x, x[..., :p]], dim=-1)
 
 
+def _sphere_pad(x: Tensor, p: int, pole: bool, silu: bool) -> Tensor:
+    """``x`` (or ``silu(x)``) ``(*lead, H, W)`` with its circular / cross-pole halo.
+
+    The interior is written into a preallocated tensor (``silu`` computed straight into it,
+    so the padding costs no extra pass over the data), then the halo is filled from it: on
+    CPU by strided copies of whole strips (:func:`_fill_halo_strips`, four copies for a
+    one-cell halo; on 2 cores 0.45-0.95x the time of the index version from 128 x 8x16 to
+    32 x 32x64 cells per sample), elsewhere by one gather and one scatter of precomputed
+    indices (:func:`_fill_halo_index`: fewer kernel launches, measured 15 % faster per H100
+    training step than strips).
+    """
+    *lead, h, w = x.shape
+    ph = p if pole else 0
+    out = x.new_empty(*lead, h + 2 * ph, w + 2 * p)                      # (B, C, H+2ph, W+2p)
+    core = out[..., ph:ph + h, p:p + w]                                   # (B, C, H, W) view
+    if silu:
+        torch.ops.aten.silu.out(x, out=core)
+    else:
+        core.copy_(x)
+    fill = _fill_halo_strips if out.device.type == "cpu" else _fill_halo_index
+    return fill(out, p, pole)
+
+
+def _fill_halo_index(out: Tensor, p: int, pole: bool) -> Tensor:
+    """:func:`_fill_halo_strips` by one gather and one scatter of :func:`_halo_index`."""
+    *lead, hp, wp = out.shape
+    ph = p if pole else 0
+    dst, src, _ = _halo_index(hp - 2 * ph, wp - 2 * p, p, pole, out.device)
+    flat = out.view(*lead, -1)                                            # (B, C, cells)
+    flat.index_copy_(-1, dst, flat.index_select(-1, src))
+    return out
+
+
+def _fill_halo_strips(out: Tensor, p: int, pole: bool) -> Tensor:
+    """Fill the halo of a contiguous padded ``out`` ``(*lead, H + 2 ph, W + 2 p)`` in place.
+
+    Rows beyond a pole first (interior columns only: the ``k``-th row beyond is interior row
+    ``k`` from that pole rolled by ``W / 2``, copied as two half-rows, both poles in one
+    strided view), then the longitude halo of every row, which also fills the corners.
+    """
+    *lead, hp, wp = out.shape
+    ph = p if pole else 0
+    h, w = hp - 2 * ph, wp - 2 * p
+    if pole:
+        half, lead_strides, base = w // 2, out.stride()[:-2], out.storage_offset()
+        for k in range(p):
+            south_dst, south_src = ph - 1 - k, ph + k        # north rows: + (h + 1 + 2k), + gap
+            gap = h - 1 - 2 * k                              # rows from south_src to north src
+            for d_col, s_col in ((p, p + half), (p + half, p)):
+                if gap >= 0:
+                    size = (*lead, 2, half)
+                    out.as_strided(size, (*lead_strides, (h + 1 + 2 * k) * wp, 1),
+                                   base + south_dst * wp + d_col).copy_(
+                        out.as_strided(size, (*lead_strides, gap * wp, 1),
+                                       base + south_src * wp + s_col))
+                else:  # fewer than 2 k + 1 rows: the two source rows cross over
+                    for d_row, s_row in ((south_dst, south_src), (ph + h + k, ph + h - 1 - k)):
+                        out[..., d_row, d_col:d_col + half].copy_(
+                            out[..., s_row, s_col:s_col + half])
+    out[..., :p].copy_(out[..., w:w + p])
+    out[..., w + p:].copy_(out[..., p:2 * p])
+    return out
+
+
 class _SpherePad(torch.autograd.Function):
     """Circular longitude (and cross-pole latitude) padding of ``x`` or of ``silu(x)``.
 
-    Forward writes the interior into a preallocated tensor (computing ``silu`` straight into
-    it, so the padding costs no extra pass) and fills all halo cells with one gather and one
-    scatter of precomputed indices (:func:`_halo_index`); backward adds the halo gradients
-    onto the cells they were copied from with one ``index_add_``. A handful of operations
-    per call whatever the grid, where slice assignments need dozens (and autograd through them
-    would clone the whole gradient once per assignment).
+    Forward is :func:`_sphere_pad`; backward adds the halo gradients onto the cells they were
+    copied from with one ``index_add_`` of precomputed indices (:func:`_halo_index`; on 2 CPU
+    cores 0.6x the time of the dozen strided strip additions it replaces, where autograd
+    through slice assignments would clone the whole gradient once per assignment). Without
+    gradients :meth:`LatLonPad.explicit` calls :func:`_sphere_pad` directly (no autograd node).
     """
 
     @staticmethod
@@ -172,18 +237,7 @@ class _SpherePad(torch.autograd.Function):
         ctx.p, ctx.pole, ctx.silu = p, pole, silu
         if silu:
             ctx.save_for_backward(x)
-        *lead, h, w = x.shape
-        ph = p if pole else 0
-        dst, src, _ = _halo_index(h, w, p, pole, x.device)
-        out = x.new_empty(*lead, h + 2 * ph, w + 2 * p)                  # (B, C, H+2ph, W+2p)
-        core = out[..., ph:ph + h, p:p + w]                               # (B, C, H, W) view
-        if silu:
-            torch.ops.aten.silu.out(x, out=core)
-        else:
-            core.copy_(x)
-        flat = out.view(*lead, -1)                                        # (B, C, cells)
-        flat.index_copy_(-1, dst, flat.index_select(-1, src))
-        return out
+        return _sphere_pad(x, p, pole, silu)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -389,12 +443,16 @@ class SelfAttention2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``x`` ``(B, C, H, W)`` -> ``(B, C, H, W)``."""
         b, c, h, w = x.shape
-        qkv = self.qkv(self.norm(x))                                        # (B, 3C, H, W)
-        qkv = qkv.reshape(b, 3, self.heads, c // self.heads, h * w)         # (B, 3, n, d, HW)
-        q, k, v = qkv.transpose(-1, -2).unbind(1)                           # (B, n, HW, d) x3
+        # the 1x1 convolutions as linear maps over grid points: q, k, v come out with the
+        # head dim contiguous, which the fused (flash) attention kernels require
+        tokens = self.norm(x).flatten(2).transpose(1, 2)                    # (B, HW, C)
+        qkv = F.linear(tokens, self.qkv.weight.flatten(1), self.qkv.bias)   # (B, HW, 3C)
+        qkv = qkv.view(b, h * w, 3, self.heads, c // self.heads)           # (B, HW, 3, n, d)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                      # (B, n, HW, d) x3
         out = F.scaled_dot_product_attention(q, k, v)                       # (B, n, HW, d)
-        out = out.transpose(-1, -2).reshape(b, c, h, w)                     # (B, C, H, W)
-        return x + self.proj(out)
+        out = F.linear(out.transpose(1, 2).reshape(b, h * w, c), self.proj.weight.flatten(1),
+                       self.proj.bias)                                      # (B, HW, C)
+        return x + out.transpose(1, 2).reshape(b, c, h, w)
 
 
 class Downsample(nn.Module):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from geodiff.config import ModelConfig
-from geodiff.nn import GridTopology, LatLonConv2d, LatLonPad, NoiseLevelEmbedding
+from geodiff.nn import GridTopology, LatLonConv2d, LatLonPad, NoiseLevelEmbedding, SelfAttention2d
 from geodiff.unet import LatLonUNet
 
 GLOBAL = GridTopology(periodic_lon=True, pole_padding=True)
@@ -50,6 +50,21 @@ def reference_sphere_pad(x: torch.Tensor, p: int,
     else:
         rows = F.pad(x, (0, 0, p, p))
     return torch.cat([rows[..., -p:], rows, rows[..., :p]], dim=-1)
+
+
+def test_attention_is_softmax_attention_over_grid_points() -> None:
+    # the fused kernel path against attention written out: softmax(q k^T / sqrt d) v per head
+    torch.manual_seed(0)
+    attn = SelfAttention2d(8, 2, groups=4, topology=GLOBAL)
+    nn.init.normal_(attn.proj.weight, std=0.3)
+    x = randn(2, 8, 3, 4)
+    h = attn.norm(x).flatten(2)                                           # (B, C, HW)
+    qkv = torch.einsum("oc,bcp->bop", attn.qkv.weight[:, :, 0, 0], h) + attn.qkv.bias[:, None]
+    q, k, v = qkv.reshape(2, 3, 2, 4, 12).unbind(1)                      # (B, heads, d, HW)
+    w = torch.softmax(torch.einsum("bndp,bndq->bnpq", q, k) / 2.0, dim=-1)
+    out = torch.einsum("bnpq,bndq->bndp", w, v).reshape(2, 8, 12)
+    out = torch.einsum("oc,bcp->bop", attn.proj.weight[:, :, 0, 0], out) + attn.proj.bias[:, None]
+    torch.testing.assert_close(attn(x), x + out.reshape(2, 8, 3, 4), rtol=0, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------
@@ -139,9 +154,14 @@ def test_conv_equals_conv_of_padded_input(topology: GridTopology, kernel: int,
 
 def test_every_conv_of_a_global_net_pads_across_lon_and_poles() -> None:
     net = make_net(periodic_lon=True, pole_padding=True).eval()
-    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
-    assert convs and all(isinstance(m, LatLonConv2d) and m.pad.topology == GLOBAL
-                         and m.padding == (0, 0) for m in convs)
+    all_convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    assert all_convs and all(isinstance(m, LatLonConv2d) and m.pad.topology == GLOBAL
+                             and m.padding == (0, 0) for m in all_convs)
+    # attention applies its 1x1 weights as linear maps over grid points (no padding)
+    in_attention = {id(c) for m in net.modules() if isinstance(m, SelfAttention2d)
+                    for c in (m.qkv, m.proj)}
+    convs = [m for m in all_convs if id(m) not in in_attention]
+    assert in_attention and len(convs) < len(all_convs)
     # every conv's output in a real forward pass is the conv of its sphere-padded input
     checked = []
 
@@ -444,3 +464,21 @@ def test_from_config_rejects_pole_padding_without_periodic_lon() -> None:
                       pole_padding="yes")
     with pytest.raises(ValueError, match="pole_padding='yes' needs periodic"):
         LatLonUNet.from_config(cfg, 1, 1, 0, periodic=True, global_lat=True)
+
+
+@pytest.mark.parametrize("topology", [GLOBAL, PERIODIC])
+@pytest.mark.parametrize("pad", [1, 2])
+@pytest.mark.parametrize("h", [2, 3, 6])
+def test_strip_and_index_halo_fills_agree(topology: GridTopology, pad: int, h: int) -> None:
+    # CPU fills the halo by strided strip copies, other devices by an index gather/scatter;
+    # both must be the same exact copy (h = 2 < 2 pad + 1 takes the row-by-row branch)
+    from geodiff.nn import _fill_halo_index, _fill_halo_strips
+    pole = topology.pole_padding
+    ph = pad if pole else 0
+    x = randn(2, 3, h, 10)
+    padded = F.pad(x, (pad, pad, ph, ph), value=float("nan"))
+    a = _fill_halo_strips(padded.clone(), pad, pole)
+    assert not torch.isnan(a).any()
+    assert torch.equal(a, _fill_halo_index(padded.clone(), pad, pole))
+    rows = slice(pad - ph, h + pad + ph)
+    assert torch.equal(a, reference_sphere_pad(x, pad, topology)[..., rows, :])
