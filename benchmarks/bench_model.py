@@ -27,17 +27,18 @@ cores; the full run (grids 32x64 and 64x128, widths 64-128-256, two blocks per l
 16, 30 timed steps, 4000 members) is meant for a GPU: allow one to two hours on a CPU.
 
 What the numbers show (2 CPU cores and one H100 alike): on zero padding geodiff matches or
-beats diffusers step for step (CPU 0.99-1.08x, H100 1.09-1.15x); the global configuration
-costs 10-25 % more per step. The price is the explicit halo: the convolution of a
-pre-padded (W + 2)-wide input is slower than the library's built-in zero padding (profiled
-on CPU: +12 % in oneDNN forward and backward), plus the halo copies themselves. Tried and
-measured: concatenation (10x slower than slice copies), autograd through slice assignments
-(clones the gradient once per assignment), a copy-free "zero-padded conv + edge
-corrections" (its thin convolutions cost more than the copy), slice copies of the halo
-strips instead of one gather/scatter of precomputed indices (15 % faster for the pad alone
-on CPU, no gain per CPU step, 15 % slower per H100 training step: six to thirteen small
-kernels instead of three); kept: one preallocated tensor, SiLU computed straight into it,
-halos by one gather/scatter of precomputed indices, and a hand-written backward.
+beats diffusers step for step (CPU 1.01-1.11x, H100 1.09-1.15x); the global configuration
+costs 5-15 % more per step. The price is the explicit halo: every convolution reads a
+(H + 2) x (W + 2) copy and its backward returns a gradient of that size, plus the halo
+copies themselves. Tried and measured: concatenation (10x slower than slice copies),
+autograd through slice assignments (clones the gradient once per assignment), a copy-free
+"zero-padded conv + edge corrections" (its thin convolutions cost more than the copy),
+strided strips for the backward (a dozen small additions: 1.7x the time of one
+``index_add_``). Kept: one preallocated tensor with SiLU computed straight into it; halos
+by four strided strip copies on CPU (0.45-0.95x the time of an index gather/scatter) and by
+one gather/scatter of precomputed indices on CUDA (strips were 15 % slower per H100
+training step: more kernel launches); no autograd node without gradients; a hand-written
+backward with one ``index_add_``.
 
 Usage::
 
