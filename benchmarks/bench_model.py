@@ -22,7 +22,7 @@ Finally, with the analytic Gaussian denoiser of ``x0 ~ N(mu, diag s^2)``,
 evaluations for which DPM-Solver++ matches the sample quality of 1000-step DDPM.
 
 Writes ``benchmarks/results/bench_model.json``. ``--quick`` (grids 16x32 and 32x64, widths
-32-64-64, batch 4, 6 timed steps, 1000 sampler members) takes about a minute on two CPU
+32-64-64, batch 4, 15 timed steps, 1000 sampler members) takes about two minutes on two CPU
 cores; the full run (grids 32x64 and 64x128, widths 64-128-256, two blocks per level, batch
 16, 30 timed steps, 4000 members) is meant for a GPU: allow one to two hours on a CPU.
 
@@ -91,7 +91,7 @@ class Setting:
 
 
 QUICK = Setting(grids=((16, 32), (32, 64)), channel_counts=(1, 4), widths=(32, 64, 64),
-                blocks=1, batch=4, warmup=2, iters=6, members=1000)
+                blocks=1, batch=4, warmup=3, iters=15, members=1000)
 FULL = Setting(grids=((32, 64), (64, 128)), channel_counts=(1, 4), widths=(64, 128, 256),
                blocks=2, batch=16, warmup=5, iters=30, members=4000)
 

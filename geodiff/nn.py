@@ -443,16 +443,16 @@ class SelfAttention2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``x`` ``(B, C, H, W)`` -> ``(B, C, H, W)``."""
         b, c, h, w = x.shape
-        # the 1x1 convolutions as linear maps over grid points: q, k, v come out with the
-        # head dim contiguous, which the fused (flash) attention kernels require
-        tokens = self.norm(x).flatten(2).transpose(1, 2)                    # (B, HW, C)
-        qkv = F.linear(tokens, self.qkv.weight.flatten(1), self.qkv.bias)   # (B, HW, 3C)
-        qkv = qkv.view(b, h * w, 3, self.heads, c // self.heads)           # (B, HW, 3, n, d)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                      # (B, n, HW, d) x3
+        qkv = self.qkv(self.norm(x))                                        # (B, 3C, H, W)
+        qkv = qkv.reshape(b, 3, self.heads, c // self.heads, h * w)         # (B, 3, n, d, HW)
+        # head dim made contiguous (one copy of the small low-resolution qkv): the fused
+        # (flash) attention kernels need it, the unfused fallback costs more than the copy.
+        # The 1x1 convolutions stay convolutions: as one linear map over all B x HW points
+        # the result of a sample would depend on the batch size (GEMM blocking)
+        q, k, v = qkv.transpose(-1, -2).contiguous().unbind(1)              # (B, n, HW, d) x3
         out = F.scaled_dot_product_attention(q, k, v)                       # (B, n, HW, d)
-        out = F.linear(out.transpose(1, 2).reshape(b, h * w, c), self.proj.weight.flatten(1),
-                       self.proj.bias)                                      # (B, HW, C)
-        return x + out.transpose(1, 2).reshape(b, c, h, w)
+        out = out.transpose(-1, -2).reshape(b, c, h, w)                     # (B, C, H, W)
+        return x + self.proj(out)
 
 
 class Downsample(nn.Module):

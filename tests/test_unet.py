@@ -154,14 +154,9 @@ def test_conv_equals_conv_of_padded_input(topology: GridTopology, kernel: int,
 
 def test_every_conv_of_a_global_net_pads_across_lon_and_poles() -> None:
     net = make_net(periodic_lon=True, pole_padding=True).eval()
-    all_convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
-    assert all_convs and all(isinstance(m, LatLonConv2d) and m.pad.topology == GLOBAL
-                             and m.padding == (0, 0) for m in all_convs)
-    # attention applies its 1x1 weights as linear maps over grid points (no padding)
-    in_attention = {id(c) for m in net.modules() if isinstance(m, SelfAttention2d)
-                    for c in (m.qkv, m.proj)}
-    convs = [m for m in all_convs if id(m) not in in_attention]
-    assert in_attention and len(convs) < len(all_convs)
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(isinstance(m, LatLonConv2d) and m.pad.topology == GLOBAL
+                         and m.padding == (0, 0) for m in convs)
     # every conv's output in a real forward pass is the conv of its sphere-padded input
     checked = []
 
