@@ -26,7 +26,10 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="sampler steps")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance")
     p.add_argument("--eta", type=float, default=None, help="DDIM eta")
-    p.add_argument("--batch-size", type=int, default=None, help="samples per network batch")
+    p.add_argument("--batch-size", type=int, default=None, help="samples generated together")
+    p.add_argument("--compute-batch", type=int, default=None,
+                   help="network batches of exactly this size: members bit-identical "
+                        "whatever --batch-size")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
 
@@ -80,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     fill.add_argument("--steps", type=int, default=None)
     fill.add_argument("--resample", type=int, default=None, help="RePaint resampling jumps")
     fill.add_argument("--batch-size", type=int, default=None)
+    fill.add_argument("--compute-batch", type=int, default=None)
     fill.add_argument("--overwrite", action="store_true")
     _add_common(fill)
 
@@ -188,7 +192,8 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                           else json.loads(args.conditions))
         out = generate_ensemble(args.checkpoint, args.members, conditions, sampler=args.sampler,
                                 steps=args.steps, guidance=args.guidance, eta=args.eta,
-                                seed=args.seed or 0, batch_size=args.batch_size, out=args.out,
+                                seed=args.seed or 0, batch_size=args.batch_size,
+                                compute_batch=args.compute_batch, out=args.out,
                                 overwrite=args.overwrite, device=args.device)
         print(f"wrote {out}")
         return 0
@@ -197,6 +202,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
         out = fill_gaps(args.checkpoint, _open_any(args.observed), args.members, steps=args.steps,
                         resample=args.resample, seed=args.seed or 0, batch_size=args.batch_size,
+                        compute_batch=args.compute_batch,
                         out=args.out, overwrite=args.overwrite, device=args.device)
         print(f"wrote {out}")
         return 0

@@ -264,6 +264,11 @@ class SamplingConfig:
     """Classifier-free guidance scale (1 = plain conditional model)."""
     members: int = 32
     batch_size: int = 32
+    compute_batch: int | None = None
+    """Evaluate the network on exactly this many samples at a time (the last chunk of a batch
+    padded by repeating a sample), so that member i is bit-identical whatever ``batch_size``:
+    kernels choose their summation order by the batch shape. ``null``: the whole batch at
+    once (fastest; another ``batch_size`` then changes members by float32 round-off)."""
     rho: float | None = None
     """Exponent of the Karras et al. (2022) noise-level spacing; ``.inf`` spaces the levels
     evenly in log sigma. ``null``: the sampler's default (``inf`` for dpmpp, 7 otherwise;
@@ -275,6 +280,8 @@ class SamplingConfig:
         _require(self.guidance >= 0, f"{path}.guidance", self.guidance, ">= 0")
         _require(self.members >= 1, f"{path}.members", self.members, ">= 1")
         _require(self.batch_size >= 1, f"{path}.batch_size", self.batch_size, ">= 1")
+        _require(self.compute_batch is None or self.compute_batch >= 1,
+                 f"{path}.compute_batch", self.compute_batch, ">= 1 or null")
         _require(self.rho is None or self.rho > 0, f"{path}.rho", self.rho,
                  "> 0 (.inf for log-uniform levels) or null")
 

@@ -155,11 +155,38 @@ def _provenance(model: LoadedModel, *, sampler: str, steps: int, guidance: float
 # generation
 
 
+def fixed_batch(net, size: int | None):
+    """``net(x, sigma, *per_sample)`` evaluated on chunks of exactly ``size`` samples.
+
+    Every argument is split along dim 0; the last chunk is padded by repeating its last
+    sample and the padding's outputs are dropped. A network's result for one sample depends
+    on the batch *shape* (kernels pick their blocking, hence summation order, by it) but not
+    on which other samples share the batch, so fixed chunks make each sample's output
+    independent of how many are evaluated together. ``size=None`` returns ``net`` unchanged.
+    """
+    if size is None:
+        return net
+
+    def chunked(*args: torch.Tensor | None) -> torch.Tensor:
+        n = args[0].shape[0]
+        outs = []
+        for i in range(0, n, size):
+            part = [None if a is None else a[i:i + size] for a in args]
+            short = size - part[0].shape[0]
+            if short:
+                part = [None if a is None else
+                        torch.cat([a, a[-1:].expand(short, *a.shape[1:])]) for a in part]
+            outs.append(net(*part)[:size - short])
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    return chunked
+
+
 def _denoiser_for(model: LoadedModel, fields: torch.Tensor, cond: torch.Tensor,
-                  guidance: float):
+                  guidance: float, compute_batch: int | None = None):
     from geodiff.sampling import guided
 
-    net = model.denoiser
+    net = fixed_batch(model.denoiser, compute_batch)
 
     def d_cond(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         return net(x, sigma, fields, cond)
@@ -175,8 +202,8 @@ def _denoiser_for(model: LoadedModel, fields: torch.Tensor, cond: torch.Tensor,
 
 
 def sample_items(model: LoadedModel, items: Sequence[tuple[int, int]], cond_vectors: np.ndarray,
-                 *, sampler: str, steps: int, guidance: float, eta: float, seed: int
-                 ) -> np.ndarray:
+                 *, sampler: str, steps: int, guidance: float, eta: float, seed: int,
+                 compute_batch: int | None = None) -> np.ndarray:
     """Generate (cell, member) items in one batch -> (n, C, lat, lon) scaled, cropped."""
     from geodiff.sampling import sample
 
@@ -192,7 +219,7 @@ def sample_items(model: LoadedModel, items: Sequence[tuple[int, int]], cond_vect
     smin, smax = model.sigma_range()
     schedule = getattr(model.denoiser, "schedule", None)
     with torch.no_grad():
-        x = sample(_denoiser_for(model, fields, cond, guidance), (n, c, h, w), gens,
+        x = sample(_denoiser_for(model, fields, cond, guidance, compute_batch), (n, c, h, w), gens,
                    sampler=sampler, steps=steps, sigma_min=smin, sigma_max=smax,
                    rho=model.recipe.sampling.rho, eta=eta, schedule=schedule, device=dev)
     return model.padding.crop(x.float().cpu()).numpy()
@@ -202,7 +229,8 @@ def generate_ensemble(checkpoint: str | Path | LoadedModel, members: int | None 
                       conditions: Any = None, *, sampler: str | None = None,
                       steps: int | None = None, guidance: float | None = None,
                       eta: float | None = None, seed: int = 0, batch_size: int | None = None,
-                      out: str | Path | None = None, overwrite: bool = False,
+                      compute_batch: int | None = None, out: str | Path | None = None,
+                      overwrite: bool = False,
                       device: str | None = None, progress: bool = True
                       ) -> xr.Dataset | Path:
     """Draw an ensemble from a checkpoint; return it (``out=None``) or stream it to ``out``.
@@ -214,7 +242,10 @@ def generate_ensemble(checkpoint: str | Path | LoadedModel, members: int | None 
     conditions : xarray object (its sample-dim coordinates are used) or ``{dim: values}``.
     sampler, steps, guidance, eta : sampler settings (default: the recipe's ``sampling``).
     seed : base seed; member i of cell c uses :func:`member_seed` (seed, c, i).
-    batch_size : samples per network batch.
+    batch_size : samples generated together.
+    compute_batch : evaluate the network on chunks of exactly this many samples, so member i
+        is bit-identical whatever ``batch_size`` (default: recipe ``sampling.compute_batch``;
+        ``None`` there = whole batches, fastest).
     out : ``*.nc`` or ``*.zarr``; written atomically and resumably. Under torchrun each rank
         writes its own members into one Zarr store.
     """
@@ -231,12 +262,15 @@ def generate_ensemble(checkpoint: str | Path | LoadedModel, members: int | None 
     guidance = sc.guidance if guidance is None else guidance
     eta = sc.eta if eta is None else eta
     batch_size = sc.batch_size if batch_size is None else batch_size
+    compute_batch = sc.compute_batch if compute_batch is None else compute_batch
     if not isinstance(members, int) or members < 1:
         raise ValueError(f"{members=} must be a positive integer")
     if sampler not in ENSEMBLE_SAMPLERS:
         raise ValueError(f"{sampler=} is unknown; choose one of {list(ENSEMBLE_SAMPLERS)}")
     if steps < 1 or batch_size < 1:
         raise ValueError(f"{steps=} and {batch_size=} must be >= 1")
+    if compute_batch is not None and compute_batch < 1:
+        raise ValueError(f"{compute_batch=} must be >= 1 (or None for whole batches)")
     cells = condition_cells(model, conditions)
     cell_dicts = _cell_dicts(cells)
     cond_vectors = np.stack([model.cond_spec.vector(c) for c in cell_dicts]) \
@@ -247,6 +281,8 @@ def generate_ensemble(checkpoint: str | Path | LoadedModel, members: int | None 
                          "writes its own region); NetCDF cannot be written in parallel")
     attrs = _provenance(model, sampler=sampler, steps=steps, guidance=guidance, seed=seed,
                         eta=eta)
+    if compute_batch is not None:  # part of what makes the bits (and of the resume check)
+        attrs["geodiff_compute_batch"] = int(compute_batch)
     n_cells = len(cell_dicts)
     per_block = max(1, batch_size // n_cells)
     blocks = [list(range(m0, min(members, m0 + per_block))) for m0 in range(0, members, per_block)]
@@ -254,7 +290,8 @@ def generate_ensemble(checkpoint: str | Path | LoadedModel, members: int | None 
     def block_dataset(block: list[int]) -> xr.Dataset:
         items = [(c, m) for m in block for c in range(n_cells)]
         parts = [sample_items(model, items[i:i + batch_size], cond_vectors, sampler=sampler,
-                              steps=steps, guidance=guidance, eta=eta, seed=seed)
+                              steps=steps, guidance=guidance, eta=eta, seed=seed,
+                              compute_batch=compute_batch)
                  for i in range(0, len(items), batch_size)]
         x = np.concatenate(parts).reshape(len(block), n_cells, *parts[0].shape[1:])
         return to_dataset(model, x, block, cells)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from geodiff.ensemble import _cell_dicts, _provenance, emit, member_seed, to_dataset
+from geodiff.ensemble import _cell_dicts, _provenance, emit, fixed_batch, member_seed, to_dataset
 from geodiff.io import MEMBER, check_output_path
 from geodiff.pipeline import LoadedModel, load_model
 
@@ -44,7 +44,8 @@ def _canonical_observed(model: LoadedModel, observed: xr.Dataset) -> xr.Dataset:
 
 def fill_gaps(checkpoint: str | Path | LoadedModel, observed: xr.Dataset, members: int = 8, *,
               steps: int | None = None, resample: int | None = None, seed: int = 0,
-              batch_size: int | None = None, out: str | Path | None = None,
+              batch_size: int | None = None, compute_batch: int | None = None,
+              out: str | Path | None = None,
               overwrite: bool = False, device: str | None = None, progress: bool = True
               ) -> xr.Dataset | Path:
     """An ensemble of completions of ``observed`` (NaN = gap), observed pixels kept exactly.
@@ -65,6 +66,9 @@ def fill_gaps(checkpoint: str | Path | LoadedModel, observed: xr.Dataset, member
     steps = steps or model.recipe.sampling.steps
     resample = resample or model.recipe.gapfill.resample
     batch_size = batch_size or model.recipe.sampling.batch_size
+    compute_batch = compute_batch or model.recipe.sampling.compute_batch
+    if compute_batch is not None and compute_batch < 1:
+        raise ValueError(f"{compute_batch=} must be >= 1 (or None for whole batches)")
     obs = _canonical_observed(model, observed)
     sample_dims = [d for d in model.sample_dims if d in obs.dims]
     cells = xr.Dataset(coords={k: v for k, v in obs.coords.items()
@@ -93,7 +97,7 @@ def fill_gaps(checkpoint: str | Path | LoadedModel, observed: xr.Dataset, member
         gens = [torch.Generator().manual_seed(member_seed(seed, c, m)) for c, m in items]
         fields = model.fields.to(dev).expand(len(items), -1, -1, -1)
         cond = torch.as_tensor(cond_vectors[idx], dtype=torch.float32, device=dev)
-        net = model.denoiser
+        net = fixed_batch(model.denoiser, compute_batch)
 
         def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
             return net(x, sigma, fields, cond)

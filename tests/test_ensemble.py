@@ -3,6 +3,7 @@ SIGKILL, sharded under torchrun, gap filling, and clear errors before any work."
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import xarray as xr
 
 from geodiff import checkpoint as ckpt
@@ -237,3 +239,37 @@ def test_cf_check_flags_broken_files(trained, tmp_path):
     problems = cf_problems(raw)
     for fragment in ("Conventions", "realization", "not strictly monotonic", "no units"):
         assert any(fragment in p for p in problems), (fragment, problems)
+
+
+def test_compute_batch_makes_members_identical_whatever_batch_size(trained):
+    model = load_model(trained["run"])
+    sc = model.recipe.sampling
+    fixed = dataclasses.replace(model, recipe=dataclasses.replace(
+        model.recipe, sampling=dataclasses.replace(sc, compute_batch=4)))
+    shapes = []
+    hook = fixed.denoiser.register_forward_hook(lambda m, a, out: shapes.append(len(out)))
+    runs = {b: generate_ensemble(fixed, 3, trained["held_out"], seed=3, batch_size=b,
+                                 guidance=1.5, progress=False)["tas"].values for b in (1, 2, 9)}
+    hook.remove()
+    assert set(shapes) == {4}  # every network call sees exactly compute_batch samples
+    np.testing.assert_array_equal(runs[1], runs[9])
+    np.testing.assert_array_equal(runs[2], runs[9])
+    free = generate_ensemble(model, 3, trained["held_out"], seed=3, batch_size=9, guidance=1.5,
+                             progress=False)["tas"].values
+    np.testing.assert_allclose(free, runs[9], rtol=1e-5, equal_nan=True)
+
+
+def test_fixed_batch_evaluates_exact_chunks_in_order():
+    from geodiff.ensemble import fixed_batch
+
+    seen = []
+
+    def net(x, sigma, cond, drop=None):
+        seen.append(x.shape[0])
+        return x * sigma[:, None] + cond
+
+    x, sigma, cond = torch.arange(7.0)[:, None], torch.arange(7.0) + 1, torch.ones(7, 1)
+    out = fixed_batch(net, 3)(x, sigma, cond, None)
+    assert seen == [3, 3, 3]
+    assert torch.equal(out, net(x, sigma, cond))
+    assert fixed_batch(net, None) is net

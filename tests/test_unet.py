@@ -477,3 +477,24 @@ def test_strip_and_index_halo_fills_agree(topology: GridTopology, pad: int, h: i
     assert torch.equal(a, _fill_halo_index(padded.clone(), pad, pole))
     rows = slice(pad - ph, h + pad + ph)
     assert torch.equal(a, reference_sphere_pad(x, pad, topology)[..., rows, :])
+
+
+def test_fixed_chunks_make_each_sample_independent_of_the_batch_size() -> None:
+    # kernels choose their summation order by the batch shape: batches of 1 or 2 give other
+    # round-off than a batch of 8, while chunks of a fixed size (sampling.compute_batch) give
+    # every sample the same bits whatever the batch it came in
+    from geodiff.ensemble import fixed_batch
+
+    net = make_net(periodic_lon=True, pole_padding=True).eval()
+    x, t = randn(8, 3, 8, 16), torch.rand(8, generator=torch.Generator().manual_seed(0)) * 999
+    chunked = fixed_batch(net, 4)
+    with torch.no_grad():
+        whole, whole_chunked = net(x, t), chunked(x, t)
+        split = {k: torch.cat([net(x[i:i + k], t[i:i + k]) for i in range(0, 8, k)])
+                 for k in (1, 2, 3)}
+        split_chunked = {k: torch.cat([chunked(x[i:i + k], t[i:i + k]) for i in range(0, 8, k)])
+                         for k in (1, 2, 3)}
+    assert any(not torch.equal(v, whole) for v in split.values())  # the problem is real here
+    for k, v in split_chunked.items():
+        assert torch.equal(v, whole_chunked), k
+    torch.testing.assert_close(whole_chunked, whole, rtol=1e-5, atol=1e-6)
