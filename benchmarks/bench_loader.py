@@ -19,7 +19,8 @@ xbatcher on a loaded ``DataArray``). Prints a table and writes
 ``speed_ratio_vs_xbatcher`` and ``samples_per_s`` (streamed), the zarr ceiling relative to
 xbatcher and geodiff relative to it, and the in-memory figures.
 
-Usage: ``python benchmarks/bench_loader.py [--quick] [--workers 2] [--batch-size 16]``.
+Usage: ``python benchmarks/bench_loader.py [--quick] [--uncompressed] [--workers 2]
+[--batch-size 16]``.
 """
 
 from __future__ import annotations
@@ -50,8 +51,10 @@ SHAPES = {"full": (2560, 4, 192, 384), "quick": (170, 4, 192, 384)}
 """(time, level, lat, lon): 3.0 GB and 200 MB of float32 (about 80 % of that on disk)."""
 
 
-def write_store(path: Path, shape: tuple[int, int, int, int], seed: int = 0) -> int:
-    """Write the synthetic store (one chunk per time step); returns its size in bytes."""
+def write_store(path: Path, shape: tuple[int, int, int, int], seed: int = 0,
+                compressed: bool = True) -> int:
+    """Write the synthetic store (one chunk per time step, zarr's default zstd compression
+    unless ``compressed=False``); returns its size in bytes."""
     n_time, n_level, n_lat, n_lon = shape
     rng = dsa.random.default_rng(seed)
     chunks = (1, n_level, n_lat, n_lon)
@@ -62,7 +65,8 @@ def write_store(path: Path, shape: tuple[int, int, int, int], seed: int = 0) -> 
                 "lat": np.linspace(-89.0, 89.0, n_lat),
                 "lon": np.arange(n_lon) * 360.0 / n_lon})
     with dask.config.set(num_workers=2):
-        ds.to_zarr(path, zarr_format=3, consolidated=False)
+        ds.to_zarr(path, zarr_format=3, consolidated=False,
+                   encoding={} if compressed else {"t": {"compressors": None}})
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
@@ -178,6 +182,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="200 MB store instead of 3 GB")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--uncompressed", action="store_true",
+                        help="write the store without compression (decompression-free reads)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results"
                         / "bench_loader.json")
     args = parser.parse_args(argv)
@@ -186,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="geodiff-bench-") as tmp:
         path = Path(tmp) / "fields.zarr"
         t0 = time.perf_counter()
-        n_bytes = write_store(path, shape)
+        n_bytes = write_store(path, shape, compressed=not args.uncompressed)
         t_write = time.perf_counter() - t0
         warm_cache(path)
         runs = {
@@ -200,7 +206,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "summary": summary,
         "details": {
-            "mode": mode, "store_shape": dict(zip(("time", "level", "lat", "lon"), shape)),
+            "mode": mode, "compressed": not args.uncompressed,
+            "store_shape": dict(zip(("time", "level", "lat", "lon"), shape)),
             "raw_bytes": 4 * int(np.prod(shape)), "store_bytes": n_bytes, "write_s": t_write,
             "batch_size": args.batch_size, "workers": args.workers, **runs,
             "timing": "second shuffled pass of a persistent-worker DataLoader, warm page cache",
