@@ -66,7 +66,8 @@ def fill_gaps(checkpoint: str | Path | LoadedModel, observed: xr.Dataset, member
     steps = steps or model.recipe.sampling.steps
     resample = resample or model.recipe.gapfill.resample
     batch_size = batch_size or model.recipe.sampling.batch_size
-    compute_batch = compute_batch or model.recipe.sampling.compute_batch
+    if compute_batch is None:
+        compute_batch = model.recipe.sampling.compute_batch
     if compute_batch is not None and compute_batch < 1:
         raise ValueError(f"{compute_batch=} must be >= 1 (or None for whole batches)")
     obs = _canonical_observed(model, observed)

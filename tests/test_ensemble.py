@@ -175,6 +175,7 @@ def test_gap_filling_keeps_observed_pixels_and_land(trained):
     [
         ({"members": 0}, ValueError, "members=0"),
         ({"sampler": "euler"}, ValueError, "choose one of"),
+        ({"compute_batch": 0}, ValueError, "compute_batch=0 must be >= 1"),
         ({"conditions": {"time": ["2500-06-01"]}}, ValueError, "year"),
     ],
 )
@@ -273,3 +274,16 @@ def test_fixed_batch_evaluates_exact_chunks_in_order():
     assert seen == [3, 3, 3]
     assert torch.equal(out, net(x, sigma, cond))
     assert fixed_batch(net, None) is net
+
+
+def test_gap_filling_honours_compute_batch(trained):
+    obs = trained["held_out"].isel(time=[0, 1]).copy(deep=True)
+    obs["tas"] = obs["tas"].where(np.random.default_rng(1).random(obs["tas"].shape) > 0.3)
+    model = load_model(trained["run"])
+    shapes = []
+    hook = model.denoiser.register_forward_hook(lambda m, a, out: shapes.append(len(out)))
+    runs = [fill_gaps(model, obs, members=3, steps=2, resample=1, batch_size=b,
+                      compute_batch=4, progress=False)["tas"].values for b in (1, 5)]
+    hook.remove()
+    assert set(shapes) == {4}
+    np.testing.assert_array_equal(runs[0], runs[1])
