@@ -237,11 +237,15 @@ class TrainingConfig:
     max_time_s: float | None = None
     """Stop (and checkpoint) after this many seconds of training, whatever ``steps`` says."""
     num_workers: int = 0
+    """DataLoader worker processes reading (and prefetching) training batches. 0 reads them
+    in the training process: fastest when the data is in memory (``data.memory_budget_gb``);
+    streamed data wants workers, which decompress in parallel with the training step."""
     log_every: int = 10
 
     def validate(self, path: str) -> None:
         _require(self.steps >= 1, f"{path}.steps", self.steps, ">= 1")
         _require(self.batch_size >= 1, f"{path}.batch_size", self.batch_size, ">= 1")
+        _require(self.num_workers >= 0, f"{path}.num_workers", self.num_workers, ">= 0")
         _require(self.lr > 0, f"{path}.lr", self.lr, "> 0")
         _require(self.warmup_steps >= 0, f"{path}.warmup_steps", self.warmup_steps, ">= 0")
         _require(self.grad_clip >= 0, f"{path}.grad_clip", self.grad_clip, ">= 0 (0 = off)")

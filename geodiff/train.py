@@ -64,6 +64,28 @@ def batch_indices(n: int, batch: int, seed: int, step: int) -> np.ndarray:
     return perm[pos * batch:(pos + 1) * batch]
 
 
+class _StepBatches(torch.utils.data.Sampler):
+    """Batch sampler: the indices of the global batch of each step in ``[start, stop)``."""
+
+    def __init__(self, n: int, batch: int, seed: int, start: int, stop: int) -> None:
+        self.n, self.batch, self.seed, self.start, self.stop = n, batch, seed, start, stop
+
+    def __iter__(self):
+        for step in range(self.start, self.stop):
+            yield batch_indices(self.n, self.batch, self.seed, step).tolist()
+
+    def __len__(self) -> int:
+        return max(self.stop - self.start, 0)
+
+
+def _worker_init(_worker_id: int) -> None:
+    """DataLoader worker: dask computes in the worker's own thread (its thread pool does not
+    survive fork), one torch thread (the training process has the cores)."""
+    import dask
+
+    dask.config.set(scheduler="synchronous")
+
+
 def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
     """Linear warm-up then cosine decay to 10 % (or constant) of the base learning rate."""
     if warmup > 0 and step < warmup:
@@ -148,12 +170,36 @@ class Trainer:
     # -- one step -----------------------------------------------------------------------
     def _batch(self, step: int, indices: np.ndarray | None = None,
                dataset=None) -> dict[str, torch.Tensor]:
+        """The batch of ``indices`` (default: the training batch of ``step``), read in one go
+        (one dask computation when streamed) and batched without copies."""
+        from geodiff.data import collate
+
         dataset = dataset if dataset is not None else self.data.train
         tc = self.recipe.training
         if indices is None:
             indices = batch_indices(len(dataset), tc.batch_size, tc.seed, step)
-        items = [dataset[int(i)] for i in indices]
-        return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+        return collate(dataset.__getitems__([int(i) for i in indices]))
+
+    def _training_batches(self, start: int):
+        """``(indices, batch)`` of every step from ``start``: read in this process, or with
+        ``training.num_workers > 0`` by DataLoader worker processes that prefetch the next
+        batches while this one trains. The batches are the same either way (the step's
+        indices come from :func:`batch_indices`, the reads are deterministic)."""
+        from geodiff.data import collate
+
+        tc, train = self.recipe.training, self.data.train
+        if tc.num_workers == 0:
+            for step in range(start, tc.steps):
+                indices = batch_indices(len(train), tc.batch_size, tc.seed, step)
+                yield indices, self._batch(step, indices)
+            return
+        loader = torch.utils.data.DataLoader(
+            train, batch_sampler=_StepBatches(len(train), tc.batch_size, tc.seed, start,
+                                              tc.steps),
+            num_workers=tc.num_workers, collate_fn=collate, worker_init_fn=_worker_init,
+            prefetch_factor=2)
+        for batch in loader:
+            yield batch["index"].numpy(), batch
 
     def loss_on(self, module: torch.nn.Module, batch: dict[str, torch.Tensor],
                 gen: torch.Generator) -> torch.Tensor:
@@ -243,11 +289,11 @@ class Trainer:
         last_loss = float("nan")
         val_loss: float | None = None
         self.denoiser.train()
+        batches = self._training_batches(self.step)
         while self.step < tc.steps:
             step = self.step
             gen = step_generator(tc.seed, step)
-            indices = batch_indices(len(self.data.train), tc.batch_size, tc.seed, step)
-            batch = self._batch(step, indices)
+            indices, batch = next(batches)
             for group in self.optimizer.param_groups:
                 group["lr"] = tc.lr * lr_factor(step, tc.warmup_steps, tc.steps, tc.lr_schedule)
             loss = self.loss_on(self.train_module, batch, gen)

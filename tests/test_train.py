@@ -162,3 +162,16 @@ def test_batch_order_and_lr_schedule_are_pure_functions_of_the_step():
     assert lr_factor(100, 10, 100, "cosine") == pytest.approx(0.1)
     assert lr_factor(50, 0, 100, "constant") == 1.0
 
+
+
+def test_streamed_data_through_loader_workers_trains_bit_identically(tmp_path):
+    # the same steps read in-process from memory, and streamed from the NetCDF file by two
+    # DataLoader worker processes that prefetch: same batches, so the same weights exactly
+    recipe = toy_recipe(tmp_path, training={"steps": 5, "checkpoint_every": 5})
+    ref = train(recipe, tmp_path / "ref", progress=False)
+    streamed = recipe.override(["data.memory_budget_gb=0", "training.num_workers=2"])
+    run = train(streamed, tmp_path / "streamed", progress=False)
+    assert run.steps == ref.steps == 5
+    a, b = _weights(ref.run_dir), _weights(run.run_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert run.final_loss == ref.final_loss
