@@ -312,8 +312,14 @@ class OutputConfig:
 
     dir: str = "geodiff-runs"
     formats: tuple[Literal["netcdf", "zarr"], ...] = ("netcdf",)
+    """Files ``geodiff quickstart`` writes its ensemble to (``ensemble.nc``, ``ensemble.zarr``;
+    ``geodiff generate`` takes the format from the suffix of ``--out``)."""
     threshold: float | None = None
     """Threshold (physical units) for exceedance-probability maps; ``None`` = training mean."""
+
+    def validate(self, path: str) -> None:
+        _require(len(self.formats) >= 1, f"{path}.formats", list(self.formats),
+                 "at least one of [netcdf, zarr]")
 
 
 @dataclass(frozen=True)

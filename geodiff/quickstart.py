@@ -109,15 +109,18 @@ def run_quickstart(out: str | Path = "geodiff-quickstart", *, overrides: list[st
          f"scenarios x {test.sizes['time']} held-out years ({recipe.sampling.sampler}, "
          f"{recipe.sampling.steps} steps)")
     t_gen = time.perf_counter()
-    nc_path = out / "ensemble.nc"
+    formats = recipe.output.formats  # generated as the first, copied to the second
+    ens_path = out / ("ensemble.nc" if "netcdf" in formats else "ensemble.zarr")
     generate_ensemble(run_dir, recipe.sampling.members, test, seed=recipe.training.seed,
-                      out=nc_path, overwrite=True, device=device)
+                      out=ens_path, overwrite=True, device=device)
     gen_seconds = time.perf_counter() - t_gen
-    zarr_path = out / "ensemble.zarr"
-    _to_zarr(nc_path, zarr_path)
+    written = [ens_path]
+    if "zarr" in formats and "netcdf" in formats:
+        written.append(out / "ensemble.zarr")
+        _to_zarr(ens_path, written[-1])
 
     _say("3/5 evaluating against the held-out years and the analog baseline")
-    report = quickstart_scores(nc_path, obs_path, analog_path, out / "report", var)
+    report = quickstart_scores(ens_path, obs_path, analog_path, out / "report", var)
     report["summary"]["train_steps"] = result.steps
     report["summary"]["train_seconds"] = round(result.seconds, 1)
     report["summary"]["generate_seconds"] = round(gen_seconds, 1)
@@ -126,14 +129,14 @@ def run_quickstart(out: str | Path = "geodiff-quickstart", *, overrides: list[st
     _write_json(out / "report" / "scores.json", report)
 
     _say("4/5 drawing maps and diagnostics")
-    figures = quickstart_figures(nc_path, obs_path, out / "figures", var,
+    figures = quickstart_figures(ens_path, obs_path, out / "figures", var,
                                  recipe.output.threshold)
     total = time.perf_counter() - t_start
     _say(f"5/5 done in {total:.0f} s")
     s = report["summary"]
     lines = [
         f"  checkpoint        {result.checkpoint}",
-        f"  ensemble          {nc_path}  and  {zarr_path}",
+        f"  ensemble          {'  and  '.join(map(str, written))}",
         f"  held-out truth    {obs_path}",
         f"  analog baseline   {analog_path}",
         f"  report            {out / 'report' / 'scores.json'}  {out / 'report' / 'scores.md'}",

@@ -100,3 +100,20 @@ def test_climatology_ensemble_takes_same_calendar_month():
     assert sorted(clim.isel(time=0, lon=0).dropna("member").values.tolist()) == [6.0, 18.0]
     # 2008-01 is not in test; 2008-07..12 each have 2 training fields
     assert int(clim.notnull().all("lon").sum("member").min()) == 2
+
+
+def test_quickstart_end_to_end_writes_the_formats_of_the_recipe(tmp_path):
+    # the whole job on the real bundled data, shrunk to seconds: 2 training steps, 2 members,
+    # 1 sampler step; output.formats = [zarr] gives the Zarr ensemble only
+    from geodiff.quickstart import run_quickstart
+
+    summary = run_quickstart(tmp_path / "qs", overrides=[
+        "training.steps=2", "training.max_time_s=null", "training.checkpoint_every=2",
+        "training.val_every=2", "sampling.members=2", "sampling.steps=1",
+        "output.formats=[zarr]"], device="cpu")
+    out = tmp_path / "qs"
+    assert (out / "ensemble.zarr").is_dir() and not (out / "ensemble.nc").exists()
+    ens = xr.open_zarr(out / "ensemble.zarr")
+    assert ens.sizes["member"] == 2 and ens["air_temperature"].attrs["units"] == "K"
+    assert summary["train_steps"] == 2 and np.isfinite(summary["crps_ratio_vs_analog"])
+    assert len(list((out / "figures").glob("*.png"))) == 7
