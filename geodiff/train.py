@@ -78,14 +78,6 @@ class _StepBatches(torch.utils.data.Sampler):
         return max(self.stop - self.start, 0)
 
 
-def _worker_init(_worker_id: int) -> None:
-    """DataLoader worker: dask computes in the worker's own thread (its thread pool does not
-    survive fork), one torch thread (the training process has the cores)."""
-    import dask
-
-    dask.config.set(scheduler="synchronous")
-
-
 def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
     """Linear warm-up then cosine decay to 10 % (or constant) of the base learning rate."""
     if warmup > 0 and step < warmup:
@@ -188,16 +180,14 @@ class Trainer:
         from geodiff.data import collate
 
         tc, train = self.recipe.training, self.data.train
+        steps = _StepBatches(len(train), tc.batch_size, tc.seed, start, tc.steps)
         if tc.num_workers == 0:
-            for step in range(start, tc.steps):
-                indices = batch_indices(len(train), tc.batch_size, tc.seed, step)
-                yield indices, self._batch(step, indices)
+            for indices in steps:
+                yield np.asarray(indices), self._batch(0, indices)
             return
-        loader = torch.utils.data.DataLoader(
-            train, batch_sampler=_StepBatches(len(train), tc.batch_size, tc.seed, start,
-                                              tc.steps),
-            num_workers=tc.num_workers, collate_fn=collate, worker_init_fn=_worker_init,
-            prefetch_factor=2)
+        # (FieldDataset computes dask synchronously inside workers: no pool across fork)
+        loader = torch.utils.data.DataLoader(train, batch_sampler=steps, collate_fn=collate,
+                                             num_workers=tc.num_workers, prefetch_factor=2)
         for batch in loader:
             yield batch["index"].numpy(), batch
 
