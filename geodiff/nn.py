@@ -121,12 +121,12 @@ class LatLonPad(nn.Module):
 
 @functools.lru_cache(maxsize=256)
 def _halo_index(h: int, w: int, p: int, pole: bool, device: torch.device
-                ) -> tuple[Tensor, Tensor, Tensor]:
+                ) -> tuple[Tensor, Tensor]:
     """Where each halo cell of the padded grid comes from.
 
-    Returns flat indices ``(dst, src, src_x)`` into the padded grid ``(H + 2 ph) x (W + 2 p)``
-    (``ph = p`` with pole padding, else 0) and into the unpadded ``H x W`` grid: padded cell
-    ``dst[k]`` is a copy of padded cell ``src[k]``, which is interior cell ``src_x[k]``.
+    Returns flat indices ``(dst, src)`` into the padded grid ``(H + 2 ph) x (W + 2 p)``
+    (``ph = p`` with pole padding, else 0): halo cell ``dst[k]`` is a copy of the interior
+    cell ``src[k]``.
     """
     ph = p if pole else 0
     rows = torch.arange(-ph, h + ph)[:, None].expand(-1, w + 2 * p)        # (H+2ph, W+2p)
@@ -139,7 +139,7 @@ def _halo_index(h: int, w: int, p: int, pole: bool, device: torch.device
     dst = torch.arange(halo.numel())[halo]
     src_x = (src_row * w + src_col).flatten()[halo]
     src = (src_x // w + ph) * (w + 2 * p) + src_x % w + p
-    return dst.to(device), src.to(device), src_x.to(device)
+    return dst.to(device), src.to(device)
 
 
 def _sphere_pad_traceable(x: Tensor, p: int, pole: bool) -> Tensor:
@@ -185,7 +185,7 @@ def _fill_halo_index(out: Tensor, p: int, pole: bool) -> Tensor:
     """:func:`_fill_halo_strips` by one gather and one scatter of :func:`_halo_index`."""
     *lead, hp, wp = out.shape
     ph = p if pole else 0
-    dst, src, _ = _halo_index(hp - 2 * ph, wp - 2 * p, p, pole, out.device)
+    dst, src = _halo_index(hp - 2 * ph, wp - 2 * p, p, pole, out.device)
     flat = out.view(*lead, -1)                                            # (B, C, cells)
     flat.index_copy_(-1, dst, flat.index_select(-1, src))
     return out
@@ -222,14 +222,59 @@ def _fill_halo_strips(out: Tensor, p: int, pole: bool) -> Tensor:
     return out
 
 
+def _fold_halo_strips(grad: Tensor, p: int, pole: bool) -> Tensor:
+    """Adjoint of :func:`_fill_halo_strips`, in place on a contiguous ``grad`` of the padded
+    grid: each halo cell's gradient is added onto the cell it was copied from.
+
+    Reverse order of the fill: the longitude halo of every row first (the corners land on
+    the rows beyond the poles), then the rows beyond the poles onto their interior rows, both
+    poles in one strided view where the two interior rows differ.
+    """
+    *lead, hp, wp = grad.shape
+    ph = p if pole else 0
+    h, w = hp - 2 * ph, wp - 2 * p
+    grad[..., w:w + p].add_(grad[..., :p])
+    grad[..., p:2 * p].add_(grad[..., w + p:])
+    if pole:
+        half, lead_strides, base = w // 2, grad.stride()[:-2], grad.storage_offset()
+        for k in range(p):
+            south_src, south_dst = ph - 1 - k, ph + k       # halo row -> interior row
+            gap = h - 1 - 2 * k                              # rows between the interior rows
+            for s_col, d_col in ((p, p + half), (p + half, p)):
+                if gap > 0:  # (gap 0 would add both halo rows onto one row at once)
+                    size = (*lead, 2, half)
+                    grad.as_strided(size, (*lead_strides, gap * wp, 1),
+                                    base + south_dst * wp + d_col).add_(
+                        grad.as_strided(size, (*lead_strides, (h + 1 + 2 * k) * wp, 1),
+                                        base + south_src * wp + s_col))
+                else:
+                    for s_row, d_row in ((south_src, south_dst), (ph + h + k, ph + h - 1 - k)):
+                        grad[..., d_row, d_col:d_col + half].add_(
+                            grad[..., s_row, s_col:s_col + half])
+    return grad
+
+
+def _fold_halo_index(grad: Tensor, p: int, pole: bool) -> Tensor:
+    """:func:`_fold_halo_strips` by one gather and one ``index_add_`` of :func:`_halo_index`."""
+    *lead, hp, wp = grad.shape
+    ph = p if pole else 0
+    dst, src = _halo_index(hp - 2 * ph, wp - 2 * p, p, pole, grad.device)
+    flat = grad.view(*lead, -1)                                           # (B, C, cells)
+    flat.index_add_(-1, src, flat.index_select(-1, dst))
+    return grad
+
+
 class _SpherePad(torch.autograd.Function):
     """Circular longitude (and cross-pole latitude) padding of ``x`` or of ``silu(x)``.
 
-    Forward is :func:`_sphere_pad`; backward adds the halo gradients onto the cells they were
-    copied from with one ``index_add_`` of precomputed indices (:func:`_halo_index`; on 2 CPU
-    cores 0.6x the time of the dozen strided strip additions it replaces, where autograd
-    through slice assignments would clone the whole gradient once per assignment). Without
-    gradients :meth:`LatLonPad.explicit` calls :func:`_sphere_pad` directly (no autograd node).
+    Forward is :func:`_sphere_pad`; backward folds the halo gradients onto the cells they
+    were copied from, in place in the incoming gradient of the padded grid (the
+    convolution's fresh ``grad_input``; copied first if it is a view or not contiguous),
+    by strided strips on CPU (:func:`_fold_halo_strips`) and one ``index_add_`` elsewhere
+    (:func:`_fold_halo_index`), then crops it, through ``silu_backward`` when the SiLU was
+    fused: one pass over the data besides the strips, where autograd through slice
+    assignments would clone the whole gradient once per assignment. Without gradients
+    :meth:`LatLonPad.explicit` calls :func:`_sphere_pad` directly (no autograd node).
     """
 
     @staticmethod
@@ -246,14 +291,14 @@ class _SpherePad(torch.autograd.Function):
         ph = p if pole else 0
         *lead, hp, wp = grad.shape
         h, w = hp - 2 * ph, wp - 2 * p
-        dst, _, src_x = _halo_index(h, w, p, pole, grad.device)
-        grad_x = grad[..., ph:ph + h, p:p + w].contiguous()              # (B, C, H, W) copy
-        halo = grad.reshape(*lead, -1).index_select(-1, dst)             # (B, C, halo cells)
-        grad_x.view(*lead, -1).index_add_(-1, src_x, halo)
+        if grad._base is not None or not grad.is_contiguous():
+            grad = grad.clone(memory_format=torch.contiguous_format)
+        fold = _fold_halo_strips if grad.device.type == "cpu" else _fold_halo_index
+        core = fold(grad, p, pole)[..., ph:ph + h, p:p + w]              # (B, C, H, W) view
         if silu:
-            torch.ops.aten.silu_backward.grad_input(grad_x, ctx.saved_tensors[0],
-                                                    grad_input=grad_x)
-        return grad_x, None, None, None
+            return (torch.ops.aten.silu_backward(core, ctx.saved_tensors[0]), None, None,
+                    None)
+        return core.contiguous(), None, None, None
 
 
 class LatLonConv2d(nn.Conv2d):
@@ -280,6 +325,33 @@ class LatLonConv2d(nn.Conv2d):
         """
         return F.conv2d(self.pad.explicit(x, silu), self.weight, self.bias, self.stride,
                         self.pad.implicit)
+
+
+class PointwiseConv2d(nn.Conv2d):
+    """A 1x1 convolution computed as one matrix product per sample (``torch.baddbmm``).
+
+    Same parameters and state-dict entries as ``nn.Conv2d(in_channels, out_channels, 1)``.
+    Why not the convolution itself: on CPU oneDNN's 1x1 convolution took 1.2-1.8x the time
+    of this product forward and 1.3-2.8x forward + backward at the UNet's skip and attention
+    shapes (2 cores, torch 2.13; ``benchmarks/bench_model.py``). Why not ``F.linear`` over all
+    ``B x H x W`` points: one big GEMM blocks its rows by the batch size, so a sample's output
+    would depend on which batch it is in; here every sample is its own product of one fixed
+    shape, so the result of a sample does not depend on the batch size (tested).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, *, bias: bool = True) -> None:
+        super().__init__(in_channels, out_channels, 1, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, C_in, H, W)`` -> ``(B, C_out, H, W)``."""
+        b, c, h, w = x.shape
+        weight = self.weight[:, :, 0, 0].expand(b, -1, -1)                   # (B, O, C_in)
+        flat = x.reshape(b, c, h * w)                                          # (B, C_in, HW)
+        if self.bias is None:
+            out = torch.bmm(weight, flat)
+        else:
+            out = torch.baddbmm(self.bias[:, None], weight, flat)
+        return out.reshape(b, -1, h, w)
 
 
 class NoiseLevelEmbedding(nn.Module):
@@ -390,8 +462,8 @@ class ResBlock(nn.Module):
         self.norm2 = nn.GroupNorm(groups, out_channels)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = LatLonConv2d(out_channels, out_channels, 3, topology=topology)
-        self.skip = (LatLonConv2d(in_channels, out_channels, 1, topology=topology)
-                     if in_channels != out_channels else nn.Identity())
+        self.skip = (PointwiseConv2d(in_channels, out_channels) if in_channels != out_channels
+                     else nn.Identity())
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         """``x`` ``(B, C_in, H, W)``, ``emb`` ``(B, emb_dim)`` -> ``(B, C_out, H, W)``."""
@@ -426,7 +498,8 @@ class SelfAttention2d(nn.Module):
     groups
         Group-norm groups.
     topology
-        Grid periodicity (only for the 1x1 convolutions, which need no padding).
+        Grid periodicity (unused: attention and 1x1 convolutions need no padding; kept so
+        every block takes the same arguments).
     """
 
     def __init__(self, channels: int, heads: int, *, groups: int,
@@ -437,8 +510,8 @@ class SelfAttention2d(nn.Module):
                              "choose attention_heads dividing every attended width")
         self.heads = heads
         self.norm = nn.GroupNorm(groups, channels)
-        self.qkv = LatLonConv2d(channels, 3 * channels, 1, topology=topology)
-        self.proj = LatLonConv2d(channels, channels, 1, topology=topology)
+        self.qkv = PointwiseConv2d(channels, 3 * channels)
+        self.proj = PointwiseConv2d(channels, channels)
 
     def forward(self, x: Tensor) -> Tensor:
         """``x`` ``(B, C, H, W)`` -> ``(B, C, H, W)``."""
@@ -446,9 +519,7 @@ class SelfAttention2d(nn.Module):
         qkv = self.qkv(self.norm(x))                                        # (B, 3C, H, W)
         qkv = qkv.reshape(b, 3, self.heads, c // self.heads, h * w)         # (B, 3, n, d, HW)
         # head dim made contiguous (one copy of the small low-resolution qkv): the fused
-        # (flash) attention kernels need it, the unfused fallback costs more than the copy.
-        # The 1x1 convolutions stay convolutions: as one linear map over all B x HW points
-        # the result of a sample would depend on the batch size (GEMM blocking)
+        # (flash) attention kernels need it, the unfused fallback costs more than the copy
         q, k, v = qkv.transpose(-1, -2).contiguous().unbind(1)              # (B, n, HW, d) x3
         out = F.scaled_dot_product_attention(q, k, v)                       # (B, n, HW, d)
         out = out.transpose(-1, -2).reshape(b, c, h, w)                     # (B, C, H, W)

@@ -154,16 +154,20 @@ def test_conv_equals_conv_of_padded_input(topology: GridTopology, kernel: int,
 
 def test_every_conv_of_a_global_net_pads_across_lon_and_poles() -> None:
     net = make_net(periodic_lon=True, pole_padding=True).eval()
+    from geodiff.nn import PointwiseConv2d
     convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
-    assert convs and all(isinstance(m, LatLonConv2d) and m.pad.topology == GLOBAL
-                         and m.padding == (0, 0) for m in convs)
+    assert convs and all((isinstance(m, LatLonConv2d) and m.pad.topology == GLOBAL
+                          and m.padding == (0, 0))
+                         or (isinstance(m, PointwiseConv2d) and m.kernel_size == (1, 1))
+                         for m in convs)
     # every conv's output in a real forward pass is the conv of its sphere-padded input
+    # (1x1 convolutions, computed as matrix products, need no padding)
     checked = []
 
-    def check(conv: LatLonConv2d, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
+    def check(conv: nn.Conv2d, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
         x = F.silu(args[0]) if kwargs.get("silu", False) else args[0]
         p = conv.kernel_size[0] // 2
-        padded = reference_sphere_pad(x, p)
+        padded = reference_sphere_pad(x, p) if p else x
         ref = F.conv2d(padded, conv.weight, conv.bias, conv.stride)
         torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
         checked.append(conv)
@@ -498,3 +502,58 @@ def test_fixed_chunks_make_each_sample_independent_of_the_batch_size() -> None:
     for k, v in split_chunked.items():
         assert torch.equal(v, whole_chunked), k
     torch.testing.assert_close(whole_chunked, whole, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("topology", [GLOBAL, PERIODIC])
+@pytest.mark.parametrize("pad", [1, 2])
+@pytest.mark.parametrize("h", [2, 3, 5, 6])
+def test_strip_and_index_halo_folds_are_the_adjoint_of_the_fill(topology: GridTopology,
+                                                                  pad: int, h: int) -> None:
+    # backward adds each halo gradient onto its source cell in place: strips on CPU, an
+    # index_add_ elsewhere; both must equal autograd through the reference padding, also
+    # when the two interior rows of a pole fold coincide (h = 2 k + 1) or cross (h < 2 p)
+    from geodiff.nn import _fold_halo_index, _fold_halo_strips
+    pole = topology.pole_padding
+    ph = pad if pole else 0
+    x = randn(2, 3, h, 10).double().requires_grad_()
+    ref = reference_sphere_pad(x, pad, topology)[..., pad - ph:h + pad + ph, :]
+    g = randn(*ref.shape).double()
+    (expected,) = torch.autograd.grad(ref, x, g)
+    core = (slice(None), slice(None), slice(ph, ph + h), slice(pad, pad + 10))
+    strips = _fold_halo_strips(g.clone(), pad, pole)[core]
+    torch.testing.assert_close(strips, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(_fold_halo_index(g.clone(), pad, pole)[core], strips, rtol=0,
+                               atol=1e-12)
+    # through the autograd node, with an incoming gradient that is a view (copied first)
+    out = _SpherePadApply(x, pad, pole)
+    (got,) = torch.autograd.grad(out, x, F.pad(g, (1, 1))[..., 1:-1])
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+
+
+def _SpherePadApply(x: torch.Tensor, pad: int, pole: bool) -> torch.Tensor:
+    from geodiff.nn import _SpherePad
+    return _SpherePad.apply(x, pad, pole, False)
+
+
+@pytest.mark.parametrize(("c_in", "c_out", "hw"), [(64, 192, (8, 16)), (96, 32, (16, 32)),
+                                                   (24, 8, (3, 5))])
+def test_pointwise_conv_is_a_1x1_conv_and_each_sample_ignores_the_batch(
+        c_in: int, c_out: int, hw: tuple[int, int]) -> None:
+    from geodiff.nn import PointwiseConv2d
+    torch.manual_seed(0)
+    conv = PointwiseConv2d(c_in, c_out)
+    x = randn(7, c_in, *hw).requires_grad_()
+    y = conv(x)
+    ref = F.conv2d(x, conv.weight, conv.bias)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    g = randn(*y.shape, seed=3)
+    for a, b in zip(torch.autograd.grad(y, (x, conv.weight, conv.bias), g),
+                    torch.autograd.grad(ref, (x, conv.weight, conv.bias), g), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    # one product per sample: a sample's bits do not depend on the batch it is in
+    with torch.no_grad():
+        full = conv(x)
+        for size in (1, 2, 3):
+            assert torch.equal(conv(x[:size]), full[:size])
+        assert list(conv.state_dict()) == ["weight", "bias"]
+        assert conv.weight.shape == (c_out, c_in, 1, 1)
