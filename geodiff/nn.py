@@ -471,7 +471,14 @@ class ResBlock(nn.Module):
         e = self.emb_proj(F.silu(emb))[:, :, None, None]                    # (B, C', 1, 1)
         if self.scale_shift:
             scale, shift = e.chunk(2, dim=1)                                # (B, C_out, 1, 1)
-            h = self.norm2(h) * (1 + scale) + shift
+            # norm2's affine folded into the per-sample scale and shift (tiny (B, C) maths):
+            # one pass over h after the normalisation instead of two,
+            # (n gamma + beta)(1 + scale) + shift = n [gamma (1 + scale)] + [beta (1 + scale)
+            # + shift]
+            norm, one_scale = self.norm2, 1 + scale
+            normed = F.group_norm(h, norm.num_groups, None, None, norm.eps)
+            h = torch.addcmul(norm.bias[:, None, None] * one_scale + shift, normed,
+                              norm.weight[:, None, None] * one_scale)
         else:
             h = self.norm2(h + e)
         if self.dropout.p > 0 and self.training:

@@ -557,3 +557,20 @@ def test_pointwise_conv_is_a_1x1_conv_and_each_sample_ignores_the_batch(
             assert torch.equal(conv(x[:size]), full[:size])
         assert list(conv.state_dict()) == ["weight", "bias"]
         assert conv.weight.shape == (c_out, c_in, 1, 1)
+
+
+def test_resblock_scale_shift_is_dhariwal_nichol_adaptive_group_norm() -> None:
+    # the block folds norm2's affine into the per-sample scale and shift; it must still be
+    # conv2(silu(norm2(h) * (1 + scale) + shift)) + skip(x) written out step by step
+    from geodiff.nn import ResBlock
+    torch.manual_seed(0)
+    block = ResBlock(8, 16, 12, topology=GLOBAL, groups=4).eval()
+    with torch.no_grad():
+        for p in (block.norm2.weight, block.norm2.bias):
+            p.copy_(torch.randn_like(p))
+        x, emb = randn(3, 8, 6, 12), randn(3, 12, seed=1)
+        h = block.conv1(block.norm1(x), silu=True)
+        scale, shift = block.emb_proj(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
+        h = block.norm2(h) * (1 + scale) + shift
+        expected = block.skip(x) + block.conv2(F.silu(h))
+        torch.testing.assert_close(block(x, emb), expected, rtol=1e-5, atol=1e-5)
