@@ -40,6 +40,10 @@ class DataConfig:
     """Dimensions that index samples (e.g. ``[scenario, time]``); the rest are lat/lon/level."""
     memory_budget_gb: float = 2.0
     """Load the scaled training data into memory when it fits this budget, else stream."""
+    reader: Literal["dask", "tensorstore"] = "dask"
+    """How streamed training data is read: ``dask`` (any source) or ``tensorstore`` (Zarr
+    stores, ``pip install 'geodiff[fast]'``: each batch is one concurrent tensorstore read per
+    variable, scaled straight into the batch; ``training.num_workers`` then counts threads)."""
 
     def validate(self, path: str) -> None:
         _require(len(self.variables) > 0, f"{path}.variables", self.variables, "at least one")
@@ -47,6 +51,8 @@ class DataConfig:
                  "at least one sample dimension, e.g. [time]")
         _require(self.memory_budget_gb >= 0, f"{path}.memory_budget_gb", self.memory_budget_gb,
                  ">= 0")
+        _require(self.reader in ("dask", "tensorstore"), f"{path}.reader", self.reader,
+                 "one of ['dask', 'tensorstore']")
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,10 @@ variables x levels become channels of a ``(C, H+, W+)`` tensor on the padded gri
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -23,9 +25,10 @@ import xarray as xr
 from geodiff.config import ConditioningConfig
 from geodiff.grid import LAT, LEVEL, LON, area_weights
 from geodiff.samples import TIME, ConditionSpec, _plain, split_dataset
+from geodiff.scaling import Scaler
 
 __all__ = ["ConditionSpec", "FieldDataset", "Padding", "collate", "compute_padding",
-           "split_dataset"]
+           "split_dataset", "threaded_batches"]
 
 _PAD_MODES = ("circular", "reflect", "replicate")
 
@@ -122,13 +125,21 @@ class FieldDataset(torch.utils.data.Dataset):
     and the data has NaNs, or ``with_mask``), static fields, conditioning fields (NaN -> 0);
     ``"cond"`` ``(K,)`` float32; ``"index"`` ``()`` int64. ``__getitems__`` reads a whole batch
     in one dask computation (used by ``DataLoader``).
+
+    With ``scaler``, ``ds_scaled`` is the *unscaled* Dataset and the scaling is applied to
+    each batch as it is read (``scaler.transform`` on the batch; in memory: once, on
+    loading). This is how a Dataset opened with ``open_dataset(..., reader="tensorstore")``
+    is streamed: one tensorstore read per variable and batch, its chunks fetched and decoded
+    concurrently by tensorstore's C++ thread pool, no dask graph. Such a dataset must be read
+    in the process that opened it (tensorstore's threads do not survive ``fork``: use
+    ``DataLoader(num_workers=0)``; the training loop does).
     """
 
     def __init__(self, ds_scaled: xr.Dataset, variables: Sequence[str],
                  sample_dims: Sequence[str], cond_spec: ConditionSpec,
                  cond_config: ConditioningConfig, padding: Padding,
                  memory_budget_gb: float = 2.0, static: xr.Dataset | None = None, *,
-                 with_mask: bool | None = None) -> None:
+                 with_mask: bool | None = None, scaler: Scaler | None = None) -> None:
         self.variables, self.sample_dims = list(variables), tuple(sample_dims)
         self.cond_spec, self.cond_config, self.padding = cond_spec, cond_config, padding
         missing = [d for d in (*self.sample_dims, LAT, LON) if d not in ds_scaled.dims]
@@ -142,6 +153,12 @@ class FieldDataset(torch.utils.data.Dataset):
         cond_arrays, cond_names = self._channel_arrays(ds_scaled, cond_config.fields,
                                                        "conditioning.fields")
         self._cond_names = cond_names
+        # where each array's channels go: (0 = fields, 1 = condition fields, offset, count)
+        self._dest, offsets = [], [0, 0]
+        for t, a in [(0, a) for a in arrays] + [(1, a) for a in cond_arrays]:
+            c = int(np.prod([a.sizes[d] for d in a.dims if d == LEVEL]))
+            self._dest.append((t, offsets[t], c))
+            offsets[t] += c
         self._lat_idx = padding.lat_index(self._n_lat)
         self._lon_idx = padding.lon_index(self._n_lon)
         self._rows = slice(padding.lat_before, padding.lat_before + self._n_lat)
@@ -149,6 +166,13 @@ class FieldDataset(torch.utils.data.Dataset):
         n_bytes = 4 * self._n * self._n_lat * self._n_lon * (len(self.channel_names)
                                                               + len(cond_names))
         self.in_memory = n_bytes <= memory_budget_gb * 1e9
+        self._scaler = None
+        if scaler is not None and self.in_memory:
+            scaled = scaler.transform(ds_scaled[[a.name for a in arrays + cond_arrays]])
+            arrays = [scaled[a.name].transpose(*a.dims) for a in arrays]
+            cond_arrays = [scaled[a.name].transpose(*a.dims) for a in cond_arrays]
+        elif scaler is not None:
+            self._scaler = scaler
         if self.in_memory:
             self._data = _load_channels(arrays, self._n)
             self._nan_samples = _nan_rows(self._data)  # (N,)
@@ -160,6 +184,16 @@ class FieldDataset(torch.utils.data.Dataset):
             # 245 ms per batch before, 49 ms after; 31 ms for the raw read alone).
             arrays = _optimized(arrays)
             cond_arrays = _optimized(cond_arrays)
+            if self._scaler is None and not all(dask.is_dask_collection(a.data)
+                                                for a in arrays + cond_arrays):
+                lazy = [a.name for a in arrays + cond_arrays
+                        if not dask.is_dask_collection(a.data)]
+                raise ValueError(f"variables {lazy} are not dask arrays: streaming them "
+                                 "(data above memory_budget_gb) needs either dask chunks "
+                                 "(open_dataset's default reader) or the scaler passed as "
+                                 "FieldDataset(..., scaler=scaler) with the unscaled data "
+                                 "(reader='tensorstore'), so that each batch is scaled as it "
+                                 "is read")
         self._arrays, self._cond_arrays = arrays, cond_arrays
         if with_mask is None:
             with_mask = cond_config.mask_channel and self._has_nan()
@@ -186,6 +220,14 @@ class FieldDataset(torch.utils.data.Dataset):
     @property
     def n_fields(self) -> int:
         return len(self.field_names)
+
+    @property
+    def fork_safe(self) -> bool:
+        """Whether DataLoader worker processes may read this dataset: not when it streams
+        lazily indexed (tensorstore) arrays, whose threads do not survive ``fork``; read it
+        with :func:`threaded_batches` instead."""
+        return self.in_memory or all(dask.is_dask_collection(a.variable._data)
+                                     for a in self._arrays + self._cond_arrays)
 
     def __len__(self) -> int:
         return self._n
@@ -248,30 +290,85 @@ class FieldDataset(torch.utils.data.Dataset):
                 self._pad(self._data[i], out=out[j])
             cond = self._cond_data[idx] if self._cond_data is not None else None
             return bool(self._nan_samples[idx].any()), cond
-        # one basic-indexed dask array per sample and array, computed together: cheaper than
-        # a fancy-indexed batch (dask shuffles and concatenates the chunks, one extra copy)
-        pos = np.stack(np.unravel_index(idx, self._sample_shape), axis=1)  # (B, n_dims)
         arrays = self._arrays + self._cond_arrays
-        picked = [a.data[tuple(int(k) for k in p)] for a in arrays for p in pos]
-        scheduler = "synchronous" if torch.utils.data.get_worker_info() else None
-        values = dask.compute(*picked, scheduler=scheduler)
-        n_var, b, (h, w) = len(self._arrays), len(idx), (self._n_lat, self._n_lon)
+        b, (h, w) = len(idx), (self._n_lat, self._n_lon)
         cond = (np.empty((b, len(self._cond_names), h, w), np.float32) if self._cond_arrays
                 else None)
-        for group, target in ((range(n_var), out[..., self._rows, self._cols]),
-                              (range(n_var, len(arrays)), cond)):
-            k = 0
-            for a_i in group:  # channels of array a_i: k .. k + c_v
+        targets = (out[..., self._rows, self._cols], cond)
+        if self._scaler is not None:
+            self._read_scaled(idx, targets)
+        else:
+            # one basic-indexed dask array per sample and array, computed together: cheaper
+            # than a fancy-indexed batch (dask shuffles and concatenates the chunks, one
+            # extra copy)
+            pos = np.stack(np.unravel_index(idx, self._sample_shape), axis=1)  # (B, n_dims)
+            picked = [a.data[tuple(int(k) for k in p)] for a in arrays for p in pos]
+            scheduler = "synchronous" if torch.utils.data.get_worker_info() else None
+            values = dask.compute(*picked, scheduler=scheduler)
+            for a_i, (t, k, c) in enumerate(self._dest):
                 for j in range(b):
-                    v = np.asarray(values[a_i * b + j]).reshape(-1, h, w)  # (c_v, H, W)
-                    target[j, k:k + len(v)] = v
-                k += len(v)
+                    targets[t][j, k:k + c] = np.asarray(values[a_i * b + j]).reshape(c, h, w)
         self._fill_halo(out)
-        return bool(np.isnan(out[..., self._rows, self._cols]).any()), cond
+        # the minimum is NaN iff a value is: one pass, no boolean temporary
+        return bool(np.isnan(out[..., self._rows, self._cols].min())), cond
+
+    def _read_scaled(self, idx: np.ndarray, targets: tuple[np.ndarray, np.ndarray | None]
+                     ) -> None:
+        """Read samples ``idx`` of every array and write them scaled into ``targets``
+        (``(B, C, H, W)`` view of the batch, ``(B, Fc, H, W)`` condition fields).
+
+        Samples sharing all sample dims but the last are read together: one outer-indexed
+        read per variable (a single tensorstore call fetching its chunks concurrently).
+        Affine scaling of float32 data is computed straight into the batch
+        (:meth:`Scaler.affine_parameters`, same bits as ``Scaler.transform``); any other
+        scaling goes through ``Scaler.transform`` on the batch.
+        """
+        arrays = self._arrays + self._cond_arrays
+        names = [str(a.name) for a in arrays]
+        *outer_dims, last = self.sample_dims
+        pos = np.unravel_index(idx, self._sample_shape)               # n_dims x (B,)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for j in range(len(idx)):
+            groups.setdefault(tuple(int(p[j]) for p in pos[:-1]), []).append(j)
+        h, w = self._n_lat, self._n_lon
+        for key, members in groups.items():
+            rows = np.array(members)
+            order = np.argsort(pos[-1][rows], kind="stable")
+            sel = {**dict(zip(outer_dims, key)), last: pos[-1][rows][order]}
+            batch = xr.Dataset({n: a.isel(sel) for n, a in zip(names, arrays)})
+            batch = batch[names].transpose(last, ...)
+            params = [self._scaler.affine_parameters(batch[n]) for n in names]
+            if any(p is None for p in params):
+                batch = self._scaler.transform(_read_now(batch))
+                params = [None] * len(names)
+            else:
+                batch = _read_now(batch)
+            for a_i, (name, a) in enumerate(zip(names, arrays)):
+                t, k, c = self._dest[a_i]
+                dims = [d for d in a.dims if d in batch[name].dims]
+                v = np.asarray(batch[name].transpose(*dims).values).reshape(-1, c, h, w)
+                for r, j in enumerate(rows[order]):
+                    dst = targets[t][j, k:k + c]                         # (c, H, W)
+                    if params[a_i] is None:
+                        dst[...] = v[r]
+                    else:
+                        center, half = (p.reshape(-1, 1, 1) for p in params[a_i])
+                        np.subtract(v[r], center, out=dst)
+                        np.divide(dst, half, out=dst)
 
     def _has_nan(self) -> bool:
         if self.in_memory:
             return bool(self._nan_samples.any())
+        if self._scaler is not None:  # blockwise over the last sample dim, bounded memory
+            last, n_last = self.sample_dims[-1], self._sample_shape[-1]
+            step = max(1, int(256e6 // max(1, 4 * self._n // n_last * self._n_lat
+                                          * self._n_lon * len(self.channel_names))))
+            for a in self._arrays:
+                for start in range(0, n_last, step):
+                    block = _read_now(a.isel({last: slice(start, start + step)}).to_dataset())
+                    if bool(block[a.name].isnull().any()):
+                        return True
+            return False
         checks = [a.isnull().any().data for a in self._arrays]
         return bool(np.any(dask.compute(*checks)))
 
@@ -365,6 +462,41 @@ class FieldDataset(torch.utils.data.Dataset):
                         ).astype(np.float32)
 
 
+def threaded_batches(dataset: FieldDataset, index_batches: Iterable[Sequence[int]],
+                     threads: int = 2, ahead: int | None = None
+                     ) -> Iterator[dict[str, torch.Tensor]]:
+    """Collated batches of ``dataset`` for each index list of ``index_batches``, in order,
+    read by ``threads`` threads that work ``ahead`` batches in advance (default
+    ``2 * threads``).
+
+    The in-process counterpart of DataLoader workers for datasets that cannot be forked
+    (:attr:`FieldDataset.fork_safe`): a tensorstore read releases the GIL while its chunks
+    are fetched and decoded, and so do the numpy scaling and padding, so threads overlap
+    reading with everything else (``bench_loader.py``: 2 threads 1.2-1.4x one).
+    """
+    if threads < 1:
+        raise ValueError(f"{threads=} must be >= 1")
+    ahead = 2 * threads if ahead is None else ahead
+    if ahead < 1:
+        raise ValueError(f"{ahead=} must be >= 1")
+    with concurrent.futures.ThreadPoolExecutor(threads, "geodiff-read") as pool:
+        pending: collections.deque = collections.deque()
+        try:
+            for indices in index_batches:
+                pending.append(pool.submit(_collated, dataset, list(indices)))
+                if len(pending) >= ahead:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:  # a consumer that stops early: drop what was not started yet
+            for future in pending:
+                future.cancel()
+
+
+def _collated(dataset: FieldDataset, indices: list[int]) -> dict[str, torch.Tensor]:
+    return collate(dataset.__getitems__(indices))
+
+
 def collate(items: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Batch :class:`FieldDataset` items: ``(B, ...)`` tensors per key.
 
@@ -409,6 +541,15 @@ def _batch_tensor(shape: tuple[int, ...], zero: bool = False) -> torch.Tensor:
     storage = torch.empty(0)._typed_storage()._new_shared(math.prod(shape), device="cpu")
     t = torch.empty(0).new(storage).resize_(*shape)
     return t.zero_() if zero else t
+
+
+def _read_now(ds: xr.Dataset) -> xr.Dataset:
+    """``ds`` loaded into memory; tensorstore-backed variables fetched concurrently."""
+    try:
+        import xarray_tensorstore
+    except ImportError:
+        return ds.load()
+    return xarray_tensorstore.read(ds).load()
 
 
 def _optimized(arrays: list[xr.DataArray]) -> list[xr.DataArray]:

@@ -38,6 +38,7 @@ with a :class:`ValueError` that suggests regridding.
 
 from __future__ import annotations
 
+import functools
 import json
 import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -45,8 +46,14 @@ from typing import Any
 
 import cf_xarray  # noqa: F401  (registers the ``.cf`` accessor)
 import cftime
+import dask
 import numpy as np
 import xarray as xr
+
+try:  # lazily applied element-wise function: xarray's own tool for lazy CF decoding
+    from xarray.coding.common import lazy_elemwise_func
+except ImportError:  # xarray < 2025.1
+    from xarray.coding.variables import lazy_elemwise_func
 
 LAT, LON, LEVEL = "lat", "lon", "level"
 TIME, YEAR, DAYOFYEAR = "time", "year", "dayofyear"
@@ -457,7 +464,13 @@ def _field_names(ds: xr.Dataset) -> list[str]:
 
 
 def _mask_undeclared_fills(ds: xr.Dataset) -> xr.Dataset:
-    """NaN for ``|x| >= 1e30`` and for far-out exact ``-999``/``-9999`` (module docstring)."""
+    """NaN for ``|x| >= 1e30`` and for far-out exact ``-999``/``-9999`` (module docstring).
+
+    dask-backed and in-memory data are masked with ``where``; lazily indexed data without
+    dask (``open_dataset(..., reader="tensorstore")``) gets the same mask applied to
+    whatever is read of it later (xarray's lazy element-wise wrapper), so opening reads
+    nothing but the few fields that :func:`_sample` inspects.
+    """
     for name in _field_names(ds):
         da = ds[name]
         if da.dtype.kind not in "fiu":
@@ -470,19 +483,54 @@ def _mask_undeclared_fills(ds: xr.Dataset) -> xr.Dataset:
         finite = sample[np.isfinite(sample)]
         sentinels = [s for s in SENTINEL_FILLS
                      if s not in declared and _looks_like_fill(finite, s)]
-        if da.dtype.kind == "f":
-            da = da.where(np.abs(da) < LARGE_FILL)
         if sentinels:
-            if da.dtype.kind != "f":
-                da = da.astype(np.float32 if da.dtype.itemsize <= 2 else np.float64)
-            da = da.where(~da.isin(sentinels))
             hits = [s for s in sentinels if np.any(finite == s)]
             if hits:
                 warnings.warn(f"variable {name!r}: undeclared fill values {hits} treated as "
                               "missing (they lie far outside the rest of the data); declare "
                               "_FillValue in the file to silence this", stacklevel=3)
+        raw = da.variable._data
+        if isinstance(raw, np.ndarray) or dask.is_dask_collection(raw):
+            if da.dtype.kind == "f":
+                da = da.where(np.abs(da) < LARGE_FILL)
+            if sentinels:
+                if da.dtype.kind != "f":
+                    da = da.astype(np.float32 if da.dtype.itemsize <= 2 else np.float64)
+                da = da.where(~da.isin(sentinels))
+        elif da.dtype.kind == "f" or sentinels:
+            out = (da.dtype if da.dtype.kind == "f"
+                   else np.dtype(np.float32 if da.dtype.itemsize <= 2 else np.float64))
+            mask = functools.partial(_mask_fill_values, sentinels=tuple(sentinels), dtype=out)
+            ds[name] = xr.Variable(da.dims, lazy_elemwise_func(raw, mask, out), da.attrs,
+                                   da.encoding)
+            continue
         ds[name] = da
     return ds
+
+
+def _mask_fill_values(x: np.ndarray, sentinels: tuple[float, ...], dtype: np.dtype
+                      ) -> np.ndarray:
+    """What :func:`_mask_undeclared_fills` does with ``where``, on a numpy block.
+
+    Clean data (the usual case) costs a minimum and a maximum and is returned as is.
+    """
+    x = np.asarray(x)
+    if x.dtype.kind != "f":
+        if not sentinels:
+            return x
+        x = x.astype(dtype)
+    if x.size == 0:
+        return x
+    lo, hi = float(x.min()), float(x.max())  # NaN if x has one: then the full test
+    if -LARGE_FILL < lo and hi < LARGE_FILL and not any(lo <= s <= hi for s in sentinels):
+        return x
+    with np.errstate(invalid="ignore"):
+        bad = np.abs(x) >= LARGE_FILL
+    for value in sentinels:
+        bad |= x == value
+    if bad.any():
+        x = np.where(bad, np.nan, x).astype(x.dtype, copy=False)
+    return x
 
 
 def _sample(da: xr.DataArray) -> np.ndarray:

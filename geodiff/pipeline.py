@@ -128,13 +128,22 @@ def prepare_data(recipe: Recipe) -> DataBundle:
     padding = data.compute_padding(ds.sizes[grid.LAT], ds.sizes[grid.LON], multiple,
                                    info.periodic)
 
-    def dataset(split: xr.Dataset):
+    def dataset(split: xr.Dataset, name: str):
+        if dc.reader == "tensorstore":  # the same split, read without dask, scaled per batch
+            raw = data.split_dataset(ts_source, recipe.split, dc.sample_dims)[name]
+            return data.FieldDataset(raw, dc.variables, dc.sample_dims, cond_spec,
+                                     recipe.conditioning, padding,
+                                     memory_budget_gb=dc.memory_budget_gb, scaler=scaler)
         return data.FieldDataset(scaler.transform(split), dc.variables, dc.sample_dims,
                                  cond_spec, recipe.conditioning, padding,
                                  memory_budget_gb=dc.memory_budget_gb)
 
-    train = dataset(splits["train"])
-    val = dataset(splits["val"]) if _n_samples(splits.get("val"), dc.sample_dims) else None
+    if dc.reader == "tensorstore":
+        ts_source = catalog.open_dataset(dc.source, catalog=dc.catalog,
+                                         variables=list(dc.variables), reader="tensorstore")
+    train = dataset(splits["train"], "train")
+    val = (dataset(splits["val"], "val") if _n_samples(splits.get("val"), dc.sample_dims)
+           else None)
     valid = np.stack([
         splits["train"][v].notnull().any([d for d in splits["train"][v].dims
                                           if d not in (grid.LAT, grid.LON)]).values

@@ -397,7 +397,7 @@ class Scaler:
                 # 4 x 192 x 384 sample)
                 center = self._range_da(stats, stats.center, x).astype(np.float32)
                 half = self._range_da(stats, stats.half_range, x).astype(np.float32)
-                z = (x.astype(np.float32) - center) / half
+                z = (x.astype(np.float32, copy=False) - center) / half
             else:
                 y = x.astype(np.float64)
                 if self.config.transform == "log1p":
@@ -408,7 +408,7 @@ class Scaler:
                     y = y / self._pixel_da(stats, stats.pixel_std, x)
                 z = (y - self._range_da(stats, stats.center, x)) / self._range_da(
                     stats, stats.half_range, x)
-            z = z.transpose(*x.dims, ...).astype(np.float32)
+            z = z.transpose(*x.dims, ...).astype(np.float32, copy=False)
             attrs = {k: v for k, v in x.attrs.items() if k not in _DROP_ATTRS}
             z.attrs = {**attrs, "units": "1", "geodiff_scaled": 1}
             out[name] = z.drop_vars([c for c in z.coords if c not in x.coords])
@@ -432,6 +432,27 @@ class Scaler:
             x.attrs = dict(stats.attrs)
             out[name] = x.drop_vars([c for c in x.coords if c not in z.coords])
         return out
+
+    def affine_parameters(self, x: xr.DataArray) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(center, half)`` float32 arrays broadcastable to ``x.values`` when
+        ``transform`` maps ``x`` by exactly ``(x - center) / half`` in float32 (affine
+        scaling of float32 data: its fast route), else ``None``.
+
+        Lets a reader scale straight into its own buffer with the same bits as
+        :meth:`transform` (the streamed loader does, see :class:`geodiff.data.FieldDataset`).
+        """
+        if x.name not in self.stats:
+            return None
+        stats = self._checked_stats(str(x.name), x)
+        if not (self._affine_only(stats) and x.dtype.itemsize <= 4 and x.dtype.kind == "f"):
+            return None
+        params = []
+        for values in (stats.center, stats.half_range):
+            da = self._range_da(stats, values, x).astype(np.float32)
+            shape = [x.sizes[d] if d in da.dims else 1 for d in x.dims]
+            params.append(np.asarray(da.transpose(*[d for d in x.dims if d in da.dims]).values
+                                     ).reshape(shape))
+        return params[0], params[1]
 
     def _affine_only(self, stats: VariableStats) -> bool:
         """Whether ``transform`` is just ``(x - center) / half_range`` for this variable."""

@@ -175,15 +175,20 @@ class Trainer:
     def _training_batches(self, start: int):
         """``(indices, batch)`` of every step from ``start``: read in this process, or with
         ``training.num_workers > 0`` by DataLoader worker processes that prefetch the next
-        batches while this one trains. The batches are the same either way (the step's
+        batches while this one trains (by as many threads for data that cannot be forked,
+        ``data.reader: tensorstore``). The batches are the same either way (the step's
         indices come from :func:`batch_indices`, the reads are deterministic)."""
-        from geodiff.data import collate
+        from geodiff.data import collate, threaded_batches
 
         tc, train = self.recipe.training, self.data.train
         steps = _StepBatches(len(train), tc.batch_size, tc.seed, start, tc.steps)
         if tc.num_workers == 0:
             for indices in steps:
                 yield np.asarray(indices), self._batch(0, indices)
+            return
+        if not train.fork_safe:  # tensorstore reader: threads instead of worker processes
+            for batch in threaded_batches(train, steps, threads=tc.num_workers):
+                yield batch["index"].numpy(), batch
             return
         # (FieldDataset computes dask synchronously inside workers: no pool across fork)
         loader = torch.utils.data.DataLoader(train, batch_sampler=steps, collate_fn=collate,
