@@ -11,13 +11,22 @@ same batch size and worker count:
 * xbatcher: ``BatchGenerator(input_dims={level, lat, lon}, batch_dims={time: B})`` wrapped
   in ``xbatcher.loaders.torch.MapDataset`` (raw values, one item = one batch);
 * the ceiling of any loader reading this store through zarr: raw chunks, one ``zarr`` call
-  per sample, nothing else (no xarray, dask, scaling or padding).
+  per sample, nothing else (no xarray, dask, scaling or padding);
+* geodiff with ``reader="tensorstore"`` (the summary's headline): the same ``FieldDataset``
+  on the store opened by ``open_dataset(path, reader="tensorstore")`` with the scaler
+  applied per batch (``FieldDataset(..., scaler=)``), read by ``threaded_batches`` with as
+  many threads as the others have worker processes. It is timed head to head with
+  streamed xbatcher, pass for pass in alternation (``--rounds``, default 3), so both see the
+  same machine load (on this shared 2-core machine xbatcher alone varied 211-285
+  samples/s between runs); the ratio is the median over rounds. Last, because tensorstore
+  does not survive ``fork``: xbatcher's persistent workers are forked before it starts.
 
 Then the same with the data in memory (geodiff's ``memory_budget_gb`` large enough;
 xbatcher on a loaded ``DataArray``). Prints a table and writes
 ``benchmarks/results/bench_loader.json`` with a top-level ``summary``:
-``speed_ratio_vs_xbatcher`` and ``samples_per_s`` (streamed), the zarr ceiling relative to
-xbatcher and geodiff relative to it, and the in-memory figures.
+``speed_ratio_vs_xbatcher`` and ``samples_per_s`` (streamed with the tensorstore reader),
+the same for the dask reader, the zarr ceiling relative to xbatcher and geodiff relative to
+it, and the in-memory figures.
 
 Usage: ``python benchmarks/bench_loader.py [--quick] [--uncompressed] [--workers 2]
 [--batch-size 16]``.
@@ -29,6 +38,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -123,8 +133,67 @@ def bench_geodiff(path: Path, batch_size: int, workers: int, budget_gb: float
             "item_shape": list(fd[0]["x"].shape), "fields": fd.n_fields}
 
 
-def bench_xbatcher(path: Path, batch_size: int, workers: int, load: bool = False
-                   ) -> dict[str, float]:
+def tensorstore_loader(path: Path, batch_size: int, threads: int):
+    """geodiff streaming through tensorstore: same scaling, masking and padding as
+    :func:`bench_geodiff`, batches read ahead by ``threads`` threads in this process.
+    Returns an iterable of shuffled passes, the build time and the dataset."""
+    from geodiff.catalog import open_dataset
+    from geodiff.data import threaded_batches
+
+    ds = xr.open_zarr(path, consolidated=False)
+    scaler = Scaler.fit(ds.isel(time=slice(0, 32)), ScalingConfig(method="minmax"), ["t"],
+                        ["time"])
+    cond = ConditioningConfig(coord_channels=True)
+    pad = compute_padding(ds.sizes["lat"], ds.sizes["lon"], 4, periodic=True)
+    t0 = time.perf_counter()
+    fd = FieldDataset(open_dataset(str(path), reader="tensorstore"), ["t"], ["time"],
+                      ConditionSpec(), cond, pad, memory_budget_gb=0.0, scaler=scaler)
+    t_build = time.perf_counter() - t0
+    gen = torch.Generator().manual_seed(0)
+
+    class Passes:  # one shuffled pass per iteration, like a DataLoader with drop_last
+        def __iter__(self):
+            perm = torch.randperm(len(fd), generator=gen).tolist()
+            for start in range(0, len(perm) - batch_size + 1, batch_size):
+                yield perm[start:start + batch_size]
+
+    class Loader:
+        def __iter__(self):
+            return threaded_batches(fd, Passes(), threads=threads)
+
+    return Loader(), t_build, fd
+
+
+def head_to_head(path: Path, batch_size: int, workers: int, rounds: int = 3) -> dict:
+    """Streamed xbatcher (``workers`` processes) and geodiff's tensorstore reader (as many
+    threads) pass for pass, alternating, so that both see the same machine load: one warm-up
+    pass each, then ``rounds`` timed passes each. xbatcher's persistent workers are forked
+    before tensorstore starts its threads (it does not survive ``fork``)."""
+    xb_loader, xb_build, _ = xbatcher_loader(path, batch_size, workers)
+    for _ in xb_loader:  # forks the workers, warms up
+        pass
+    ts_loader, ts_build, fd = tensorstore_loader(path, batch_size, max(1, workers))
+    for _ in ts_loader:
+        pass
+    rates: dict[str, list[float]] = {"xbatcher": [], "tensorstore": []}
+    for _ in range(rounds):
+        for name, loader, batch_of in (("xbatcher", xb_loader, lambda b: b.shape[0]),
+                                       ("tensorstore", ts_loader, lambda b: b["x"].shape[0])):
+            t0, n = time.perf_counter(), 0
+            for batch in loader:
+                n += batch_of(batch)
+            rates[name].append(n / (time.perf_counter() - t0))
+    ratios = [t / x for t, x in zip(rates["tensorstore"], rates["xbatcher"], strict=True)]
+    return {"rounds": rounds, "xbatcher_samples_per_s": rates["xbatcher"],
+            "tensorstore_samples_per_s": rates["tensorstore"], "ratios": ratios,
+            "median_ratio": statistics.median(ratios), "xbatcher_build_s": xb_build,
+            "tensorstore_build_s": ts_build, "threads": max(1, workers),
+            "item_shape": list(fd[0]["x"].shape)}
+
+
+def xbatcher_loader(path: Path, batch_size: int, workers: int, load: bool = False):
+    """xbatcher's BatchGenerator over the store in a DataLoader; with the build time and the
+    batch shape."""
     import xbatcher
     from xbatcher.loaders.torch import MapDataset
 
@@ -136,10 +205,15 @@ def bench_xbatcher(path: Path, batch_size: int, workers: int, load: bool = False
     gen = xbatcher.BatchGenerator(
         da, input_dims={"level": da.sizes["level"], "lat": da.sizes["lat"],
                         "lon": da.sizes["lon"]}, batch_dims={"time": batch_size})
-    loader = _loader(MapDataset(gen), workers, batch_size=None)
+    return _loader(MapDataset(gen), workers, batch_size=None), t_build, list(gen[0].shape)
+
+
+def bench_xbatcher(path: Path, batch_size: int, workers: int, load: bool = False
+                   ) -> dict[str, float]:
+    loader, t_build, shape = xbatcher_loader(path, batch_size, workers, load)
     seconds, n, nb = time_loader(loader, lambda b: b.shape[0])
     return {"seconds": seconds, "samples": n, "batches": nb, "samples_per_s": n / seconds,
-            "build_s": t_build, "in_memory": load, "batch_shape": list(gen[0].shape)}
+            "build_s": t_build, "in_memory": load, "batch_shape": shape}
 
 
 class _ZarrChunks(torch.utils.data.Dataset):
@@ -182,6 +256,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="200 MB store instead of 3 GB")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternating timed passes of xbatcher and geodiff-tensorstore")
     parser.add_argument("--uncompressed", action="store_true",
                         help="write the store without compression (decompression-free reads)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results"
@@ -202,7 +278,16 @@ def main(argv: list[str] | None = None) -> dict:
             "geodiff_in_memory": bench_geodiff(path, args.batch_size, args.workers, 1e3),
             "xbatcher_in_memory": bench_xbatcher(path, args.batch_size, args.workers, True),
         }
-    summary = summarize(runs)
+        # last: once tensorstore's threads run, this process must not fork any more
+        duel = head_to_head(path, args.batch_size, args.workers, args.rounds)
+        runs["geodiff_streamed_tensorstore"] = {
+            "samples_per_s": statistics.median(duel["tensorstore_samples_per_s"]),
+            "build_s": duel["tensorstore_build_s"], "in_memory": False,
+            "threads": duel["threads"], "item_shape": duel["item_shape"]}
+        runs["xbatcher_streamed_head_to_head"] = {
+            "samples_per_s": statistics.median(duel["xbatcher_samples_per_s"]),
+            "build_s": duel["xbatcher_build_s"], "in_memory": False}
+    summary = summarize(runs, duel)
     result = {
         "summary": summary,
         "details": {
@@ -210,6 +295,7 @@ def main(argv: list[str] | None = None) -> dict:
             "store_shape": dict(zip(("time", "level", "lat", "lon"), shape)),
             "raw_bytes": 4 * int(np.prod(shape)), "store_bytes": n_bytes, "write_s": t_write,
             "batch_size": args.batch_size, "workers": args.workers, **runs,
+            "head_to_head": duel,
             "timing": "second shuffled pass of a persistent-worker DataLoader, warm page cache",
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "xarray": xr.__version__, "dask": dask.__version__,
@@ -219,10 +305,14 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(f"store {shape} float32: {4 * np.prod(shape) / 1e9:.2f} GB raw, "
           f"{n_bytes / 1e9:.2f} GB on disk; batch {args.batch_size}, {args.workers} workers")
-    print(f"{'loader':22s} {'samples/s':>10s} {'samples':>8s} {'seconds':>8s} {'load s':>7s}")
+    print(f"{'loader':30s} {'samples/s':>10s} {'samples':>8s} {'seconds':>8s} {'load s':>7s}")
     for name, r in runs.items():
-        print(f"{name:22s} {r['samples_per_s']:10.1f} {r['samples']:8d} {r['seconds']:8.2f} "
-              f"{r['build_s']:7.2f}")
+        print(f"{name:30s} {r['samples_per_s']:10.1f} {r.get('samples', 0):8d} "
+              f"{r.get('seconds', 0.0):8.2f} {r['build_s']:7.2f}")
+    print("head to head, per round: xbatcher "
+          + ", ".join(f"{v:.0f}" for v in duel["xbatcher_samples_per_s"]) + "; tensorstore "
+          + ", ".join(f"{v:.0f}" for v in duel["tensorstore_samples_per_s"])
+          + " samples/s; ratios " + ", ".join(f"{v:.2f}" for v in duel["ratios"]))
     for key, value in summary.items():
         print(f"{key}: {value:.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -230,15 +320,22 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def summarize(runs: dict[str, dict]) -> dict[str, float]:
-    """The JSON ``summary`` from the per-loader results."""
+def summarize(runs: dict[str, dict], duel: dict) -> dict[str, float]:
+    """The JSON ``summary`` from the per-loader results and the head-to-head rounds."""
     rate = {k: r["samples_per_s"] for k, r in runs.items()}
     return {
-        "speed_ratio_vs_xbatcher": rate["geodiff_streamed"] / rate["xbatcher_streamed"],
-        "samples_per_s": rate["geodiff_streamed"],
+        "speed_ratio_vs_xbatcher": duel["median_ratio"],
+        "samples_per_s": rate["geodiff_streamed_tensorstore"],
+        "speed_ratio_vs_xbatcher_min_round": min(duel["ratios"]),
+        "dask_reader_speed_ratio_vs_xbatcher":
+            rate["geodiff_streamed"] / rate["xbatcher_streamed"],
+        "dask_reader_samples_per_s": rate["geodiff_streamed"],
         "zarr_ceiling_ratio_vs_xbatcher":
             rate["zarr_chunks_ceiling"] / rate["xbatcher_streamed"],
-        "speed_ratio_vs_zarr_ceiling": rate["geodiff_streamed"] / rate["zarr_chunks_ceiling"],
+        "speed_ratio_vs_zarr_ceiling":
+            rate["geodiff_streamed_tensorstore"] / rate["zarr_chunks_ceiling"],
+        "dask_reader_speed_ratio_vs_zarr_ceiling":
+            rate["geodiff_streamed"] / rate["zarr_chunks_ceiling"],
         "speed_ratio_in_memory_vs_xbatcher_in_memory":
             rate["geodiff_in_memory"] / rate["xbatcher_in_memory"],
         "speed_ratio_in_memory_vs_xbatcher_streamed":

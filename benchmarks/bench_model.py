@@ -26,19 +26,25 @@ Writes ``benchmarks/results/bench_model.json``. ``--quick`` (grids 16x32 and 32x
 cores; the full run (grids 32x64 and 64x128, widths 64-128-256, two blocks per level, batch
 16, 30 timed steps, 4000 members) is meant for a GPU: allow one to two hours on a CPU.
 
-What the numbers show (2 CPU cores and one H100 alike): on zero padding geodiff matches or
-beats diffusers step for step (CPU 1.01-1.11x, H100 1.09-1.15x); the global configuration
-costs 5-15 % more per step. The price is the explicit halo: every convolution reads a
-(H + 2) x (W + 2) copy and its backward returns a gradient of that size, plus the halo
-copies themselves. Tried and measured: concatenation (10x slower than slice copies),
-autograd through slice assignments (clones the gradient once per assignment), a copy-free
-"zero-padded conv + edge corrections" (its thin convolutions cost more than the copy),
-strided strips for the backward (a dozen small additions: 1.7x the time of one
-``index_add_``). Kept: one preallocated tensor with SiLU computed straight into it; halos
-by four strided strip copies on CPU (0.45-0.95x the time of an index gather/scatter) and by
-one gather/scatter of precomputed indices on CUDA (strips were 15 % slower per H100
-training step: more kernel launches); no autograd node without gradients; a hand-written
-backward with one ``index_add_``.
+What the numbers show (2 CPU cores; H100 figures are from before the last two changes
+below): on zero padding geodiff matches or beats diffusers step for step (CPU 1.01-1.16x,
+H100 1.09-1.15x); the global configuration costs 5-15 % more per step. The price is the
+explicit halo: every convolution reads a (H + 2) x (W + 2) copy and its backward returns a
+gradient of that size, plus the halo copies themselves (on small grids mostly the
+per-operation overhead of a handful of strip copies per convolution). Tried and measured:
+concatenation (10x slower than slice copies), autograd through slice assignments (clones
+the gradient once per assignment), a copy-free "zero-padded conv + edge corrections" (its
+thin convolutions cost more than the copy), channels-last memory format (0.64-0.86x
+diffusers instead of 0.83-0.98x), strided strips for the backward into a fresh tensor (a
+dozen small additions: 1.7x the time of one ``index_add_``). Kept: one preallocated tensor
+with SiLU computed straight into it; halos by four strided strip copies on CPU (0.45-0.95x
+the time of an index gather/scatter) and by one gather/scatter of precomputed indices on
+CUDA (strips were 15 % slower per H100 training step: more kernel launches); no autograd
+node without gradients; a backward that folds the halo gradient in place into the incoming
+gradient and crops it through ``silu_backward`` (no extra copy). Also kept, and what lifted
+geodiff on both grids: 1x1 convolutions (skip connections, attention projections) as one
+matrix product per sample (oneDNN's 1x1 convolution took 1.2-2.8x its time on CPU) and the
+second group norm's affine folded into the scale-shift (one pass less).
 
 Usage::
 

@@ -153,6 +153,7 @@ class FieldDataset(torch.utils.data.Dataset):
         cond_arrays, cond_names = self._channel_arrays(ds_scaled, cond_config.fields,
                                                        "conditioning.fields")
         self._cond_names = cond_names
+        self._any_nan: bool | None = None  # streamed data: unknown until scanned
         # where each array's channels go: (0 = fields, 1 = condition fields, offset, count)
         self._dest, offsets = [], [0, 0]
         for t, a in [(0, a) for a in arrays] + [(1, a) for a in cond_arrays]:
@@ -309,6 +310,8 @@ class FieldDataset(torch.utils.data.Dataset):
                 for j in range(b):
                     targets[t][j, k:k + c] = np.asarray(values[a_i * b + j]).reshape(c, h, w)
         self._fill_halo(out)
+        if self._any_nan is False:  # scanned at construction: no NaN anywhere
+            return False, cond
         # the minimum is NaN iff a value is: one pass, no boolean temporary
         return bool(np.isnan(out[..., self._rows, self._cols].min())), cond
 
@@ -357,8 +360,15 @@ class FieldDataset(torch.utils.data.Dataset):
                         np.divide(dst, half, out=dst)
 
     def _has_nan(self) -> bool:
+        """Whether any field value is NaN (one pass over streamed data; remembered, so that
+        streamed batches of data known to be NaN-free skip their NaN check)."""
         if self.in_memory:
             return bool(self._nan_samples.any())
+        if self._any_nan is None:
+            self._any_nan = self._scan_nan()
+        return self._any_nan
+
+    def _scan_nan(self) -> bool:
         if self._scaler is not None:  # blockwise over the last sample dim, bounded memory
             last, n_last = self.sample_dims[-1], self._sample_shape[-1]
             step = max(1, int(256e6 // max(1, 4 * self._n // n_last * self._n_lat
