@@ -115,16 +115,23 @@ def _loader(dataset, workers: int, **kwargs) -> torch.utils.data.DataLoader:
         generator=torch.Generator().manual_seed(0), **kwargs)
 
 
-def bench_geodiff(path: Path, batch_size: int, workers: int, budget_gb: float
-                  ) -> dict[str, float]:
+def _setup(path: Path) -> tuple[xr.Dataset, Scaler, dict]:
+    """The store (dask), its min-max scaler fitted on the first 32 times, and the
+    ``FieldDataset`` arguments every geodiff run shares."""
     ds = xr.open_zarr(path, consolidated=False)
     scaler = Scaler.fit(ds.isel(time=slice(0, 32)), ScalingConfig(method="minmax"), ["t"],
                         ["time"])
-    cond = ConditioningConfig(coord_channels=True)
-    pad = compute_padding(ds.sizes["lat"], ds.sizes["lon"], 4, periodic=True)
+    args = {"variables": ["t"], "sample_dims": ["time"], "cond_spec": ConditionSpec(),
+            "cond_config": ConditioningConfig(coord_channels=True),
+            "padding": compute_padding(ds.sizes["lat"], ds.sizes["lon"], 4, periodic=True)}
+    return ds, scaler, args
+
+
+def bench_geodiff(path: Path, batch_size: int, workers: int, budget_gb: float
+                  ) -> dict[str, float]:
+    ds, scaler, args = _setup(path)
     t0 = time.perf_counter()
-    fd = FieldDataset(scaler.transform(ds), ["t"], ["time"], ConditionSpec(), cond, pad,
-                      memory_budget_gb=budget_gb)
+    fd = FieldDataset(scaler.transform(ds), **args, memory_budget_gb=budget_gb)
     t_build = time.perf_counter() - t0
     loader = _loader(fd, workers, batch_size=batch_size, drop_last=True, collate_fn=collate)
     seconds, n, nb = time_loader(loader, lambda b: b["x"].shape[0])
@@ -140,14 +147,10 @@ def tensorstore_loader(path: Path, batch_size: int, threads: int):
     from geodiff.catalog import open_dataset
     from geodiff.data import threaded_batches
 
-    ds = xr.open_zarr(path, consolidated=False)
-    scaler = Scaler.fit(ds.isel(time=slice(0, 32)), ScalingConfig(method="minmax"), ["t"],
-                        ["time"])
-    cond = ConditioningConfig(coord_channels=True)
-    pad = compute_padding(ds.sizes["lat"], ds.sizes["lon"], 4, periodic=True)
+    _, scaler, args = _setup(path)
     t0 = time.perf_counter()
-    fd = FieldDataset(open_dataset(str(path), reader="tensorstore"), ["t"], ["time"],
-                      ConditionSpec(), cond, pad, memory_budget_gb=0.0, scaler=scaler)
+    fd = FieldDataset(open_dataset(str(path), reader="tensorstore"), **args,
+                      memory_budget_gb=0.0, scaler=scaler)
     t_build = time.perf_counter() - t0
     gen = torch.Generator().manual_seed(0)
 

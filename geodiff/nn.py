@@ -181,12 +181,17 @@ def _sphere_pad(x: Tensor, p: int, pole: bool, silu: bool) -> Tensor:
     return fill(out, p, pole)
 
 
+def _flat_halo(padded: Tensor, p: int, pole: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``padded`` viewed as ``(B, C, cells)`` and its :func:`_halo_index` ``(dst, src)``."""
+    *lead, hp, wp = padded.shape
+    ph = p if pole else 0
+    dst, src = _halo_index(hp - 2 * ph, wp - 2 * p, p, pole, padded.device)
+    return padded.view(*lead, -1), dst, src
+
+
 def _fill_halo_index(out: Tensor, p: int, pole: bool) -> Tensor:
     """:func:`_fill_halo_strips` by one gather and one scatter of :func:`_halo_index`."""
-    *lead, hp, wp = out.shape
-    ph = p if pole else 0
-    dst, src = _halo_index(hp - 2 * ph, wp - 2 * p, p, pole, out.device)
-    flat = out.view(*lead, -1)                                            # (B, C, cells)
+    flat, dst, src = _flat_halo(out, p, pole)
     flat.index_copy_(-1, dst, flat.index_select(-1, src))
     return out
 
@@ -256,10 +261,7 @@ def _fold_halo_strips(grad: Tensor, p: int, pole: bool) -> Tensor:
 
 def _fold_halo_index(grad: Tensor, p: int, pole: bool) -> Tensor:
     """:func:`_fold_halo_strips` by one gather and one ``index_add_`` of :func:`_halo_index`."""
-    *lead, hp, wp = grad.shape
-    ph = p if pole else 0
-    dst, src = _halo_index(hp - 2 * ph, wp - 2 * p, p, pole, grad.device)
-    flat = grad.view(*lead, -1)                                           # (B, C, cells)
+    flat, dst, src = _flat_halo(grad, p, pole)
     flat.index_add_(-1, src, flat.index_select(-1, dst))
     return grad
 
