@@ -120,6 +120,20 @@ class LatLonPad(nn.Module):
 
 
 @functools.lru_cache(maxsize=256)
+def _source_index(h: int, w: int, p: int, pole: bool, device: torch.device) -> Tensor:
+    """For every cell of the padded grid ``(H + 2 ph) x (W + 2 p)`` (``ph = p`` with pole
+    padding, else 0), the flat index of the cell of the unpadded ``H x W`` grid it copies."""
+    ph = p if pole else 0
+    rows = torch.arange(-ph, h + ph)[:, None].expand(-1, w + 2 * p)        # (H+2ph, W+2p)
+    cols = torch.arange(-p, w + p)[None, :].expand(h + 2 * ph, -1)
+    across = (rows < 0) | (rows >= h)
+    # a row r beyond a pole is row -1-r (south) or 2h-1-r (north) seen from lon + 180 deg
+    src_row = torch.where(rows < 0, -1 - rows, torch.where(rows >= h, 2 * h - 1 - rows, rows))
+    src_col = torch.where(across, cols + w // 2, cols) % w
+    return (src_row * w + src_col).flatten().to(device)
+
+
+@functools.lru_cache(maxsize=256)
 def _halo_index(h: int, w: int, p: int, pole: bool, device: torch.device
                 ) -> tuple[Tensor, Tensor]:
     """Where each halo cell of the padded grid comes from.
@@ -129,15 +143,11 @@ def _halo_index(h: int, w: int, p: int, pole: bool, device: torch.device
     cell ``src[k]``.
     """
     ph = p if pole else 0
-    rows = torch.arange(-ph, h + ph)[:, None].expand(-1, w + 2 * p)        # (H+2ph, W+2p)
-    cols = torch.arange(-p, w + p)[None, :].expand(h + 2 * ph, -1)
-    across = (rows < 0) | (rows >= h)
-    # a row r beyond a pole is row -1-r (south) or 2h-1-r (north) seen from lon + 180 deg
-    src_row = torch.where(rows < 0, -1 - rows, torch.where(rows >= h, 2 * h - 1 - rows, rows))
-    src_col = torch.where(across, cols + w // 2, cols) % w
-    halo = ((rows < 0) | (rows >= h) | (cols < 0) | (cols >= w)).flatten()
+    rows = torch.arange(h + 2 * ph)[:, None]
+    cols = torch.arange(w + 2 * p)[None, :]
+    halo = ((rows < ph) | (rows >= ph + h) | (cols < p) | (cols >= p + w)).flatten()
     dst = torch.arange(halo.numel())[halo]
-    src_x = (src_row * w + src_col).flatten()[halo]
+    src_x = _source_index(h, w, p, pole, torch.device("cpu"))[halo]
     src = (src_x // w + ph) * (w + 2 * p) + src_x % w + p
     return dst.to(device), src.to(device)
 
@@ -158,6 +168,10 @@ def _sphere_pad_traceable(x: Tensor, p: int, pole: bool) -> Tensor:
     return torch.cat([x[..., -p:], x, x[..., :p]], dim=-1)
 
 
+_GATHER_BELOW = 12288
+"""CPU tensors with fewer values per sample are padded by one index gather, not strips."""
+
+
 def _sphere_pad(x: Tensor, p: int, pole: bool, silu: bool) -> Tensor:
     """``x`` (or ``silu(x)``) ``(*lead, H, W)`` with its circular / cross-pole halo.
 
@@ -167,10 +181,20 @@ def _sphere_pad(x: Tensor, p: int, pole: bool, silu: bool) -> Tensor:
     one-cell halo; on 2 cores 0.45-0.95x the time of the index version from 128 x 8x16 to
     32 x 32x64 cells per sample), elsewhere by one gather and one scatter of precomputed
     indices (:func:`_fill_halo_index`: fewer kernel launches, measured 15 % faster per H100
-    training step than strips).
+    training step than strips). Small CPU tensors (below ``_GATHER_BELOW`` values per sample,
+    the low-resolution levels) are instead padded by one gather of :func:`_source_index`.
     """
     *lead, h, w = x.shape
     ph = p if pole else 0
+    if x.device.type == "cpu" and x[0].numel() < _GATHER_BELOW:
+        # small grids: one gather builds the whole padded tensor (per-operation overhead,
+        # not bytes, dominates there: 20-120 vs 85-170 us on 2 cores up to 4 x 8 K values;
+        # slower than the strips from 4 x 16 K). Decided per sample, so the path (and
+        # SiLU's last bit: vectorised here, strided there) does not depend on the batch size
+        src = _source_index(h, w, p, pole, x.device)
+        y = F.silu(x) if silu else x
+        return y.reshape(*lead, h * w).index_select(-1, src).view(*lead, h + 2 * ph,
+                                                                  w + 2 * p)
     out = x.new_empty(*lead, h + 2 * ph, w + 2 * p)                      # (B, C, H+2ph, W+2p)
     core = out[..., ph:ph + h, p:p + w]                                   # (B, C, H, W) view
     if silu:

@@ -574,3 +574,27 @@ def test_resblock_scale_shift_is_dhariwal_nichol_adaptive_group_norm() -> None:
         h = block.norm2(h) * (1 + scale) + shift
         expected = block.skip(x) + block.conv2(F.silu(h))
         torch.testing.assert_close(block(x, emb), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("topology", [GLOBAL, PERIODIC])
+@pytest.mark.parametrize("pad", [1, 2])
+@pytest.mark.parametrize("silu", [False, True])
+def test_small_tensor_gather_padding_equals_the_strips(monkeypatch, topology: GridTopology,
+                                                       pad: int, silu: bool) -> None:
+    # CPU tensors below _GATHER_BELOW values per sample are padded by one gather, larger
+    # ones by strip copies into a preallocated tensor: the same copies bit for bit (the
+    # fused SiLU may differ in the last bit: vectorised there, written strided here)
+    import geodiff.nn as gnn
+    x = randn(2, 3, 6, 10)
+    monkeypatch.setattr(gnn, "_GATHER_BELOW", 10**9)
+    gathered = gnn._sphere_pad(x, pad, topology.pole_padding, silu)
+    monkeypatch.setattr(gnn, "_GATHER_BELOW", 0)
+    strips = gnn._sphere_pad(x, pad, topology.pole_padding, silu)
+    if silu:
+        torch.testing.assert_close(gathered, strips, rtol=0, atol=1e-6)
+    else:
+        assert torch.equal(gathered, strips)
+    ph = pad if topology.pole_padding else 0
+    ref = reference_sphere_pad(F.silu(x) if silu else x, pad, topology)
+    torch.testing.assert_close(gathered, ref[..., pad - ph:6 + pad + ph, :], rtol=0,
+                               atol=1e-6)
