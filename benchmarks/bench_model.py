@@ -28,10 +28,11 @@ cores; the full run (grids 32x64 and 64x128, widths 64-128-256, two blocks per l
 
 What the numbers show (2 CPU cores; H100 figures are from before the last two changes
 below): on zero padding geodiff matches or beats diffusers step for step (CPU 1.01-1.16x,
-H100 1.09-1.15x); the global configuration costs 5-15 % more per step. The price is the
+H100 1.09-1.15x); the global configuration costs 0-12 % more per step (CPU 0.88-1.01x). The price is the
 explicit halo: every convolution reads a (H + 2) x (W + 2) copy and its backward returns a
 gradient of that size, plus the halo copies themselves (on small grids mostly the
-per-operation overhead of a handful of strip copies per convolution). Tried and measured:
+per-operation overhead of a handful of strip copies per convolution; below 12 K values per
+sample one gather of a cached index replaces them on CPU). Tried and measured:
 concatenation (10x slower than slice copies), autograd through slice assignments (clones
 the gradient once per assignment), a copy-free "zero-padded conv + edge corrections" (its
 thin convolutions cost more than the copy), channels-last memory format (0.64-0.86x
