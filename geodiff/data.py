@@ -350,14 +350,15 @@ class FieldDataset(torch.utils.data.Dataset):
                 t, k, c = self._dest[a_i]
                 dims = [d for d in a.dims if d in batch[name].dims]
                 v = np.asarray(batch[name].transpose(*dims).values).reshape(-1, c, h, w)
+                affine = (None if params[a_i] is None
+                          else [p.reshape(-1, 1, 1) for p in params[a_i]])  # (c | 1, 1, 1)
                 for r, j in enumerate(rows[order]):
                     dst = targets[t][j, k:k + c]                         # (c, H, W)
-                    if params[a_i] is None:
+                    if affine is None:
                         dst[...] = v[r]
                     else:
-                        center, half = (p.reshape(-1, 1, 1) for p in params[a_i])
-                        np.subtract(v[r], center, out=dst)
-                        np.divide(dst, half, out=dst)
+                        np.subtract(v[r], affine[0], out=dst)
+                        np.divide(dst, affine[1], out=dst)
 
     def _has_nan(self) -> bool:
         """Whether any field value is NaN (one pass over streamed data; remembered, so that

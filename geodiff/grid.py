@@ -46,7 +46,6 @@ from typing import Any
 
 import cf_xarray  # noqa: F401  (registers the ``.cf`` accessor)
 import cftime
-import dask
 import numpy as np
 import xarray as xr
 
@@ -466,10 +465,10 @@ def _field_names(ds: xr.Dataset) -> list[str]:
 def _mask_undeclared_fills(ds: xr.Dataset) -> xr.Dataset:
     """NaN for ``|x| >= 1e30`` and for far-out exact ``-999``/``-9999`` (module docstring).
 
-    dask-backed and in-memory data are masked with ``where``; lazily indexed data without
-    dask (``open_dataset(..., reader="tensorstore")``) gets the same mask applied to
-    whatever is read of it later (xarray's lazy element-wise wrapper), so opening reads
-    nothing but the few fields that :func:`_sample` inspects.
+    In-memory data is masked at once; dask-backed data block by block and lazily indexed
+    data without dask (``open_dataset(..., reader="tensorstore")``) whatever is read of it
+    later, both through xarray's lazy element-wise wrapper, so opening reads nothing but the
+    few fields that :func:`_sample` inspects.
     """
     for name in _field_names(ds):
         da = ds[name]
@@ -489,28 +488,21 @@ def _mask_undeclared_fills(ds: xr.Dataset) -> xr.Dataset:
                 warnings.warn(f"variable {name!r}: undeclared fill values {hits} treated as "
                               "missing (they lie far outside the rest of the data); declare "
                               "_FillValue in the file to silence this", stacklevel=3)
-        raw = da.variable._data
-        if isinstance(raw, np.ndarray) or dask.is_dask_collection(raw):
-            if da.dtype.kind == "f":
-                da = da.where(np.abs(da) < LARGE_FILL)
-            if sentinels:
-                if da.dtype.kind != "f":
-                    da = da.astype(np.float32 if da.dtype.itemsize <= 2 else np.float64)
-                da = da.where(~da.isin(sentinels))
-        elif da.dtype.kind == "f" or sentinels:
-            out = (da.dtype if da.dtype.kind == "f"
-                   else np.dtype(np.float32 if da.dtype.itemsize <= 2 else np.float64))
-            mask = functools.partial(_mask_fill_values, sentinels=tuple(sentinels), dtype=out)
-            ds[name] = xr.Variable(da.dims, lazy_elemwise_func(raw, mask, out), da.attrs,
-                                   da.encoding)
+        if da.dtype.kind != "f" and not sentinels:
             continue
-        ds[name] = da
+        out = (da.dtype if da.dtype.kind == "f"
+               else np.dtype(np.float32 if da.dtype.itemsize <= 2 else np.float64))
+        mask = functools.partial(_mask_fill_values, sentinels=tuple(sentinels), dtype=out)
+        raw = da.variable._data
+        data = mask(raw) if isinstance(raw, np.ndarray) else lazy_elemwise_func(raw, mask, out)
+        ds[name] = xr.Variable(da.dims, data, da.attrs)
     return ds
 
 
 def _mask_fill_values(x: np.ndarray, sentinels: tuple[float, ...], dtype: np.dtype
                       ) -> np.ndarray:
-    """What :func:`_mask_undeclared_fills` does with ``where``, on a numpy block.
+    """The mask of :func:`_mask_undeclared_fills` on a numpy block (ints with sentinels
+    become ``dtype``).
 
     Clean data (the usual case) costs a minimum and a maximum and is returned as is.
     """

@@ -220,66 +220,57 @@ def _fill_halo_index(out: Tensor, p: int, pole: bool) -> Tensor:
     return out
 
 
-def _fill_halo_strips(out: Tensor, p: int, pole: bool) -> Tensor:
-    """Fill the halo of a contiguous padded ``out`` ``(*lead, H + 2 ph, W + 2 p)`` in place.
+def _pole_strips(t: Tensor, p: int) -> list[tuple[Tensor, Tensor]]:
+    """``(halo, source)`` view pairs of the rows beyond both poles of a contiguous padded
+    ``t`` ``(*lead, H + 2 p, W + 2 p)``, interior columns only.
 
-    Rows beyond a pole first (interior columns only: the ``k``-th row beyond is interior row
-    ``k`` from that pole rolled by ``W / 2``, copied as two half-rows, both poles in one
-    strided view), then the longitude halo of every row, which also fills the corners.
+    The ``k``-th row beyond a pole is interior row ``k`` from that pole rolled by ``W / 2``:
+    two half-rows, both poles in one strided view (row by row where the two source rows
+    coincide or cross over, fewer than ``2 k + 2`` rows).
     """
-    *lead, hp, wp = out.shape
-    ph = p if pole else 0
-    h, w = hp - 2 * ph, wp - 2 * p
-    if pole:
-        half, lead_strides, base = w // 2, out.stride()[:-2], out.storage_offset()
-        for k in range(p):
-            south_dst, south_src = ph - 1 - k, ph + k        # north rows: + (h + 1 + 2k), + gap
-            gap = h - 1 - 2 * k                              # rows from south_src to north src
-            for d_col, s_col in ((p, p + half), (p + half, p)):
-                if gap >= 0:
-                    size = (*lead, 2, half)
-                    out.as_strided(size, (*lead_strides, (h + 1 + 2 * k) * wp, 1),
-                                   base + south_dst * wp + d_col).copy_(
-                        out.as_strided(size, (*lead_strides, gap * wp, 1),
-                                       base + south_src * wp + s_col))
-                else:  # fewer than 2 k + 1 rows: the two source rows cross over
-                    for d_row, s_row in ((south_dst, south_src), (ph + h + k, ph + h - 1 - k)):
-                        out[..., d_row, d_col:d_col + half].copy_(
-                            out[..., s_row, s_col:s_col + half])
-    out[..., :p].copy_(out[..., w:w + p])
-    out[..., w + p:].copy_(out[..., p:2 * p])
+    *lead, hp, wp = t.shape
+    h, w = hp - 2 * p, wp - 2 * p
+    half, lead_strides, base = w // 2, t.stride()[:-2], t.storage_offset()
+    pairs = []
+    for k in range(p):
+        south_halo, south_src = p - 1 - k, p + k             # north rows: + (h + 1 + 2k), + gap
+        gap = h - 1 - 2 * k                                  # rows from south_src to north src
+        for d_col, s_col in ((p, p + half), (p + half, p)):
+            if gap > 0:
+                size = (*lead, 2, half)
+                pairs.append((
+                    t.as_strided(size, (*lead_strides, (h + 1 + 2 * k) * wp, 1),
+                                 base + south_halo * wp + d_col),
+                    t.as_strided(size, (*lead_strides, gap * wp, 1),
+                                 base + south_src * wp + s_col)))
+            else:
+                for d_row, s_row in ((south_halo, south_src), (p + h + k, p + h - 1 - k)):
+                    pairs.append((t[..., d_row, d_col:d_col + half],
+                                  t[..., s_row, s_col:s_col + half]))
+    return pairs
+
+
+def _lon_strips(t: Tensor, p: int) -> list[tuple[Tensor, Tensor]]:
+    """``(halo, source)`` view pairs of the circular longitude halo of every row of ``t``."""
+    w = t.shape[-1] - 2 * p
+    return [(t[..., :p], t[..., w:w + p]), (t[..., w + p:], t[..., p:2 * p])]
+
+
+def _fill_halo_strips(out: Tensor, p: int, pole: bool) -> Tensor:
+    """Fill the halo of a contiguous padded ``out`` ``(*lead, H + 2 ph, W + 2 p)`` in place:
+    the rows beyond the poles first (:func:`_pole_strips`), then the longitude halo of every
+    row, which also fills the corners."""
+    for halo, source in (_pole_strips(out, p) if pole else []) + _lon_strips(out, p):
+        halo.copy_(source)
     return out
 
 
 def _fold_halo_strips(grad: Tensor, p: int, pole: bool) -> Tensor:
     """Adjoint of :func:`_fill_halo_strips`, in place on a contiguous ``grad`` of the padded
-    grid: each halo cell's gradient is added onto the cell it was copied from.
-
-    Reverse order of the fill: the longitude halo of every row first (the corners land on
-    the rows beyond the poles), then the rows beyond the poles onto their interior rows, both
-    poles in one strided view where the two interior rows differ.
-    """
-    *lead, hp, wp = grad.shape
-    ph = p if pole else 0
-    h, w = hp - 2 * ph, wp - 2 * p
-    grad[..., w:w + p].add_(grad[..., :p])
-    grad[..., p:2 * p].add_(grad[..., w + p:])
-    if pole:
-        half, lead_strides, base = w // 2, grad.stride()[:-2], grad.storage_offset()
-        for k in range(p):
-            south_src, south_dst = ph - 1 - k, ph + k       # halo row -> interior row
-            gap = h - 1 - 2 * k                              # rows between the interior rows
-            for s_col, d_col in ((p, p + half), (p + half, p)):
-                if gap > 0:  # (gap 0 would add both halo rows onto one row at once)
-                    size = (*lead, 2, half)
-                    grad.as_strided(size, (*lead_strides, gap * wp, 1),
-                                    base + south_dst * wp + d_col).add_(
-                        grad.as_strided(size, (*lead_strides, (h + 1 + 2 * k) * wp, 1),
-                                        base + south_src * wp + s_col))
-                else:
-                    for s_row, d_row in ((south_src, south_dst), (ph + h + k, ph + h - 1 - k)):
-                        grad[..., d_row, d_col:d_col + half].add_(
-                            grad[..., s_row, s_col:s_col + half])
+    grid: each halo cell's gradient is added onto the cell it was copied from, in the
+    reverse order of the fill (the corners land on the rows beyond the poles first)."""
+    for halo, source in _lon_strips(grad, p) + (_pole_strips(grad, p) if pole else []):
+        source.add_(halo)
     return grad
 
 

@@ -130,8 +130,7 @@ def prepare_data(recipe: Recipe) -> DataBundle:
 
     def dataset(split: xr.Dataset, name: str):
         if dc.reader == "tensorstore":  # the same split, read without dask, scaled per batch
-            raw = data.split_dataset(ts_source, recipe.split, dc.sample_dims)[name]
-            return data.FieldDataset(raw, dc.variables, dc.sample_dims, cond_spec,
+            return data.FieldDataset(ts_splits[name], dc.variables, dc.sample_dims, cond_spec,
                                      recipe.conditioning, padding,
                                      memory_budget_gb=dc.memory_budget_gb, scaler=scaler)
         return data.FieldDataset(scaler.transform(split), dc.variables, dc.sample_dims,
@@ -139,8 +138,9 @@ def prepare_data(recipe: Recipe) -> DataBundle:
                                  memory_budget_gb=dc.memory_budget_gb)
 
     if dc.reader == "tensorstore":
-        ts_source = catalog.open_dataset(dc.source, catalog=dc.catalog,
-                                         variables=list(dc.variables), reader="tensorstore")
+        ts_splits = data.split_dataset(
+            catalog.open_dataset(dc.source, catalog=dc.catalog, variables=list(dc.variables),
+                                 reader="tensorstore"), recipe.split, dc.sample_dims)
     train = dataset(splits["train"], "train")
     val = (dataset(splits["val"], "val") if _n_samples(splits.get("val"), dc.sample_dims)
            else None)
