@@ -122,8 +122,16 @@ def test_periodic_and_regional_padding() -> None:
 @pytest.mark.parametrize("topology", [GLOBAL, PERIODIC])
 @pytest.mark.parametrize("pad", [1, 2])
 @pytest.mark.parametrize("silu", [False, True])
-def test_padding_gradient(topology: GridTopology, pad: int, silu: bool) -> None:
+@pytest.mark.parametrize("gather_below", [0, 10**9])
+def test_padding_gradient(monkeypatch, topology: GridTopology, pad: int, silu: bool,
+                          gather_below: int) -> None:
+    # both routes: _SpherePad's own backward (strip folds) and, for small CPU tensors, the
+    # gather whose backward autograd derives
+    import geodiff.nn as gnn
+    monkeypatch.setattr(gnn, "_GATHER_BELOW", gather_below)
     x = randn(2, 2, 4, 6).double().requires_grad_()
+    y = LatLonPad(pad, topology).explicit(x, silu=silu)
+    assert (y.grad_fn.name() == "_SpherePadBackward") == (gather_below == 0)
     assert torch.autograd.gradcheck(lambda t: LatLonPad(pad, topology)(t, silu=silu), (x,))
 
 
