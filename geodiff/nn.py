@@ -111,6 +111,25 @@ class LatLonPad(nn.Module):
         # whose backward (an index_add_) autograd runs in C++ without Python
         return _sphere_pad(x, p, pole, silu)
 
+    def explicit_upsampled(self, x: Tensor) -> Tensor:
+        """:meth:`explicit` of ``x`` ``(B, C, H, W)`` upsampled 2x by nearest neighbour.
+
+        On periodic grids one gather of a cached index builds the padded upsampled tensor
+        ``(B, C, 2 H + 2 ph, 2 W + 2 pad)`` straight from ``x``: one pass instead of
+        ``F.interpolate`` (which on CPU converts to channels-last and back) followed by the
+        halo copies; autograd's backward is one ``index_add_``. On 2 cores, forward 0.07-0.21x
+        the time at 4 x 64-128 x 8x16-16x32, 0.85x at 16 x 128 x 32x64; forward + backward
+        0.27-0.63x.
+        """
+        if self.pad == 0 or not self.topology.periodic_lon or torch.compiler.is_compiling():
+            return self.explicit(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        *lead, h, w = x.shape
+        p, pole = self.pad, self.topology.pole_padding
+        ph = p if pole else 0
+        src = _upsampled_source_index(h, w, p, pole, x.device)
+        return x.reshape(-1, h * w).index_select(1, src).view(*lead, 2 * h + 2 * ph,
+                                                              2 * w + 2 * p)
+
     def forward(self, x: Tensor, silu: bool = False) -> Tensor:
         """``x`` (or ``silu(x)``) ``(B, C, H, W)`` padded to ``(B, C, H + 2 pad, W + 2 pad)``."""
         lat, lon = self.implicit
@@ -133,6 +152,15 @@ def _source_index(h: int, w: int, p: int, pole: bool, device: torch.device) -> T
     src_row = torch.where(rows < 0, -1 - rows, torch.where(rows >= h, 2 * h - 1 - rows, rows))
     src_col = torch.where(across, cols + w // 2, cols) % w
     return (src_row * w + src_col).flatten().to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def _upsampled_source_index(h: int, w: int, p: int, pole: bool, device: torch.device
+                            ) -> Tensor:
+    """:func:`_source_index` of the 2x nearest-neighbour upsampled ``2H x 2W`` grid, mapped
+    back to flat indices of the ``H x W`` grid (upsampled cell ``(r, c)`` is ``(r//2, c//2)``)."""
+    up = _source_index(2 * h, 2 * w, p, pole, torch.device("cpu"))
+    return ((up // (2 * w)) // 2 * w + (up % (2 * w)) // 2).to(device)
 
 
 @functools.lru_cache(maxsize=256)
@@ -362,13 +390,18 @@ class LatLonConv2d(nn.Conv2d):
                          bias=bias)
         self.pad = LatLonPad(kernel_size // 2, topology)
 
-    def forward(self, x: Tensor, silu: bool = False) -> Tensor:
+    def forward(self, x: Tensor, silu: bool = False, upsample: bool = False) -> Tensor:
         """Convolve ``x`` ``(B, C_in, H, W)`` -> ``(B, C_out, H', W')``.
 
-        ``silu=True`` convolves ``silu(x)`` instead, the activation fused with the padding.
+        ``silu=True`` convolves ``silu(x)`` instead, the activation fused with the padding;
+        ``upsample=True`` convolves ``x`` upsampled 2x by nearest neighbour, the upsampling
+        fused with the padding (:meth:`LatLonPad.explicit_upsampled`).
         """
-        return F.conv2d(self.pad.explicit(x, silu), self.weight, self.bias, self.stride,
-                        self.pad.implicit)
+        if upsample:
+            padded = self.pad.explicit_upsampled(F.silu(x) if silu else x)
+        else:
+            padded = self.pad.explicit(x, silu)
+        return F.conv2d(padded, self.weight, self.bias, self.stride, self.pad.implicit)
 
 
 class PointwiseConv2d(nn.Conv2d):
@@ -598,7 +631,7 @@ class Upsample(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, C, H, W)`` -> ``(B, C, 2 H, 2 W)``."""
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(x, upsample=True)
 
 
 def zero_init(module: nn.Module) -> nn.Module:

@@ -170,10 +170,13 @@ def test_every_conv_of_a_global_net_pads_across_lon_and_poles() -> None:
                          for m in convs)
     # every conv's output in a real forward pass is the conv of its sphere-padded input
     # (1x1 convolutions, computed as matrix products, need no padding)
-    checked = []
+    checked, upsampled = [], []
 
     def check(conv: nn.Conv2d, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
         x = F.silu(args[0]) if kwargs.get("silu", False) else args[0]
+        if kwargs.get("upsample", False):
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+            upsampled.append(conv)
         p = conv.kernel_size[0] // 2
         padded = reference_sphere_pad(x, p) if p else x
         ref = F.conv2d(padded, conv.weight, conv.bias, conv.stride)
@@ -187,6 +190,7 @@ def test_every_conv_of_a_global_net_pads_across_lon_and_poles() -> None:
         h.remove()
     assert len(checked) == len(convs)
     assert sum(m.kernel_size == (3, 3) for m in checked) > 10
+    assert len(upsampled) == len(net.upsamples) > 0   # upsampling fused with the padding
 
 
 # ---------------------------------------------------------------------------------------
@@ -606,3 +610,25 @@ def test_small_tensor_gather_padding_equals_the_strips(monkeypatch, topology: Gr
     ref = reference_sphere_pad(F.silu(x) if silu else x, pad, topology)
     torch.testing.assert_close(gathered, ref[..., pad - ph:6 + pad + ph, :], rtol=0,
                                atol=1e-6)
+
+
+@pytest.mark.parametrize("topology", [GLOBAL, PERIODIC, REGIONAL])
+@pytest.mark.parametrize("pad", [1, 2])
+@pytest.mark.parametrize("h", [1, 3, 4])
+def test_upsampling_fused_with_the_padding_equals_interpolate_then_pad(topology: GridTopology,
+                                                                      pad: int, h: int) -> None:
+    # Upsample builds the padded 2x grid by one gather straight from the coarse grid: the
+    # same copies as F.interpolate followed by the padding, bit for bit, and the same
+    # gradient (autograd's index_add_ sums the 4 fine cells and the halo onto each source)
+    from geodiff.nn import Upsample
+    lat_pad = LatLonPad(pad, topology)
+    x = randn(2, 3, h, 6).double().requires_grad_()
+    fused = lat_pad.explicit_upsampled(x)
+    ref = lat_pad.explicit(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    assert torch.equal(fused, ref)
+    g = randn(*ref.shape, seed=3).double()
+    torch.testing.assert_close(torch.autograd.grad(fused, x, g)[0],
+                               torch.autograd.grad(ref, x, g)[0], rtol=0, atol=1e-12)
+    up = Upsample(3, topology=topology).double()
+    expected = up.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    assert torch.equal(up(x), expected)
