@@ -67,7 +67,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -400,6 +400,15 @@ def print_table(configs: list[dict]) -> None:
                   f"{m['train_peak_mib']:>8.1f} {m['sample_peak_mib']:>7.1f}")
 
 
+def _grid_list(text: str) -> tuple[tuple[int, int], ...]:
+    """``"32x64,64x128"`` -> ``((32, 64), (64, 128))``."""
+    try:
+        return tuple((int(h), int(w)) for h, w in (g.split("x") for g in text.split(",")))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--grids {text!r}: expected HxW[,HxW...], "
+                                         "e.g. 32x64,64x128") from None
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -409,6 +418,12 @@ def main(argv: list[str] | None = None) -> dict:
                         help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--skip-sampler", action="store_true",
                         help="skip the DPM-Solver++ vs DDPM comparison")
+    parser.add_argument("--grids", type=_grid_list, default=None,
+                        help="override the setting's grids, e.g. 32x64,64x128")
+    parser.add_argument("--channels", type=lambda s: tuple(int(c) for c in s.split(",")),
+                        default=None, help="override the channel counts, e.g. 1,4")
+    parser.add_argument("--iters", type=int, default=None,
+                        help="override the number of timed steps per model")
     args = parser.parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" \
         else args.device
@@ -417,6 +432,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     setting = QUICK if args.quick else FULL
+    overrides = {"grids": args.grids, "channel_counts": args.channels, "iters": args.iters}
+    setting = replace(setting, **{k: v for k, v in overrides.items() if v is not None})
     t0 = time.perf_counter()
     configs = [bench_config(setting, c, grid, device)
                for grid in setting.grids for c in setting.channel_counts]
