@@ -24,27 +24,35 @@ evaluations for which DPM-Solver++ matches the sample quality of 1000-step DDPM.
 Writes ``benchmarks/results/bench_model.json``. ``--quick`` (grids 16x32 and 32x64, widths
 32-64-64, batch 4, 15 timed steps, 1000 sampler members) takes about two minutes on two CPU
 cores; the full run (grids 32x64 and 64x128, widths 64-128-256, two blocks per level, batch
-16, 30 timed steps, 4000 members) is meant for a GPU: allow one to two hours on a CPU.
+16, 30 timed steps, 4000 members) is meant for a GPU: allow one to two hours on a CPU, or
+pick one configuration (``--grids 32x64 --channels 1 --iters 8 --skip-sampler``: 4 min).
 
-What the numbers show (2 CPU cores; H100 figures are from before the last two changes
-below): on zero padding geodiff matches or beats diffusers step for step (CPU 1.01-1.16x,
-H100 1.09-1.15x); the global configuration costs 0-12 % more per step (CPU 0.88-1.01x). The price is the
-explicit halo: every convolution reads a (H + 2) x (W + 2) copy and its backward returns a
-gradient of that size, plus the halo copies themselves (on small grids mostly the
-per-operation overhead of a handful of strip copies per convolution; below 12 K values per
-sample one gather of a cached index replaces them on CPU). Tried and measured:
-concatenation (10x slower than slice copies), autograd through slice assignments (clones
-the gradient once per assignment), a copy-free "zero-padded conv + edge corrections" (its
-thin convolutions cost more than the copy), channels-last memory format (0.64-0.86x
-diffusers instead of 0.83-0.98x), strided strips for the backward into a fresh tensor (a
-dozen small additions: 1.7x the time of one ``index_add_``). Kept: one preallocated tensor
-with SiLU computed straight into it; halos by four strided strip copies on CPU (0.45-0.95x
-the time of an index gather/scatter) and by one gather/scatter of precomputed indices on
-CUDA (strips were 15 % slower per H100 training step: more kernel launches); no autograd
-node without gradients; a backward that folds the halo gradient in place into the incoming
-gradient and crops it through ``silu_backward`` (no extra copy). Also kept, and what lifted
-geodiff on both grids: 1x1 convolutions (skip connections, attention projections) as one
-matrix product per sample (oneDNN's 1x1 convolution took 1.2-2.8x its time on CPU) and the
+What the numbers show (2 CPU cores; the H100 figures in README predate the CPU work below):
+on zero padding geodiff matches or beats diffusers step for step (CPU quick 1.04-1.15x,
+full-size network 1.01-1.02x); the global configuration costs 0-6 % more per step than
+plain diffusers, which has a seam and zero poles (CPU quick 0.96-1.01x, full-size 0.94x
+sampling / 0.96x training), and is 1.05-1.18x as fast as diffusers made seam-free with
+circular padding. The price is the explicit halo: every 3x3 convolution reads a
+(H + 2) x (W + 2) copy and its backward returns a gradient of that size (oneDNN's NCHW
+convolution costs grow with the input: +13 % at 8x16, +4 % at 16x32 over its own zero
+padding), plus the copy itself. Tried and measured: concatenation (10x slower than slice
+copies), autograd through slice assignments (clones the gradient once per assignment), a
+copy-free "zero-padded conv + edge corrections" (its thin convolutions cost more than the
+copy), channels-last memory format (whole net 0.64-0.86x diffusers; only the padded
+convolution input: slower except at 8x16 with >= 256 channels), convolutions as shifted or
+im2col matrix products on the padded grid (1.4-3x oneDNN), ``torch.compile`` of both
+networks (geodiff global 0.84x compiled diffusers: worse than eager). Kept, on CPU: below
+64 K values per sample the padded tensor is one gather of a cached index along dim 1 of a
+``(B * C, H * W)`` view (3-5x faster than along the last dim of ``(B, C, H * W)``), whose
+backward autograd derives in C++; above, one preallocated tensor with SiLU computed
+straight into it and four strided strip copies (strip views cached per shape), with a
+backward that folds the halo gradient in place into the incoming gradient and crops it
+through ``silu_backward``; on periodic grids the nearest-neighbour upsampling and the halo
+are one gather (``F.interpolate`` round-trips through channels-last on CPU). On CUDA the
+halo is one gather/scatter of precomputed indices (strips were 15 % slower per H100
+training step). Also kept, and what lifted geodiff on both grids: 1x1 convolutions (skip
+connections, attention projections) as one matrix product per sample (oneDNN's 1x1
+convolution took 1.2-2.8x its time at the quick sizes, 0.93-1.25x at the full sizes) and the
 second group norm's affine folded into the scale-shift (one pass less).
 
 Usage::

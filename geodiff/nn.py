@@ -237,13 +237,13 @@ def _sphere_pad(x: Tensor, p: int, pole: bool, silu: bool) -> Tensor:
     *lead, h, w = x.shape
     ph = p if pole else 0
     if _gathers(x):
-        # small grids: one gather builds the whole padded tensor (per-operation overhead,
-        # not bytes, dominates there: 20-120 vs 85-170 us on 2 cores up to 4 x 8 K values;
-        # slower than the strips from 4 x 16 K). Differentiable as it stands: autograd's
-        # index_add_ backward with SiLU's own beats _SpherePad's Python backward there
-        # (forward + backward 161-350 vs 297-464 us from 4 x 2 K to 4 x 16 K values)
-        # gathered along dim 1 of a 2-D view: 3-5x faster than along the last dim of
-        # (B, C, H * W), which TensorIterator splits into B x C small loops
+        # small grids: one gather builds the whole padded tensor; there per-operation
+        # overhead, not bytes, dominates (2 cores, SiLU included: 20-190 vs 83-220 us for
+        # the strips from 4 x 2 K to 4 x 48 K values; the strips win from 4 x 64 K).
+        # Gathered along dim 1 of a 2-D view: 3-5x faster than along the last dim of
+        # (B, C, H * W), which TensorIterator splits into B x C small loops. Differentiable
+        # as it stands: autograd's index_add_ backward with SiLU's own beats _SpherePad's
+        # Python backward there (forward + backward 276-581 vs 377-651 us at 4 x 16-48 K)
         src = _source_index(h, w, p, pole, x.device)
         y = F.silu(x) if silu else x
         return y.reshape(-1, h * w).index_select(1, src).view(*lead, h + 2 * ph, w + 2 * p)
