@@ -289,6 +289,8 @@ def _strip_geometry(shape: tuple[int, ...], strides: tuple[int, ...], p: int, po
     source rows coincide or cross over, fewer than ``2 k + 2`` rows). Cached per shape, so
     a fill or fold costs only its copies (building the views in Python took 18 us a call).
     """
+    if strides[-1] != 1:
+        raise ValueError(f"halo strips need unit column stride, got strides {strides}")
     *lead, hp, wp = shape
     lead_strides, row = strides[:-2], strides[-2]
     ph = p if pole else 0
