@@ -21,6 +21,7 @@ Dhariwal & Nichol (2021, "Diffusion Models Beat GANs on Image Synthesis", sec. 3
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -561,27 +562,95 @@ class ResBlock(nn.Module):
         self.skip = (PointwiseConv2d(in_channels, out_channels) if in_channels != out_channels
                      else nn.Identity())
 
-    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        """``x`` ``(B, C_in, H, W)``, ``emb`` ``(B, emb_dim)`` -> ``(B, C_out, H, W)``."""
+    def embedding_terms(self, emb: Tensor) -> EmbeddingTerms:
+        """This block's injection of ``emb`` ``(B, emb_dim)``, see :data:`EmbeddingTerms`.
+
+        With scale-shift, norm2's affine is folded into the per-sample scale and shift
+        (tiny ``(B, C)`` maths, one pass over the activations after the normalisation
+        instead of two): ``(n gamma + beta)(1 + scale) + shift = n [gamma (1 + scale)] +
+        [beta (1 + scale) + shift]``. :func:`embedding_terms` computes those of many blocks
+        at once.
+        """
+        e = self.emb_proj(F.silu(emb))                                       # (B, C')
+        if not self.scale_shift:
+            return e[:, :, None, None]
+        scale, shift = e.chunk(2, dim=1)                                     # (B, C_out)
+        one_scale = 1 + scale
+        mul = self.norm2.weight * one_scale
+        add = torch.addcmul(shift, self.norm2.bias, one_scale)
+        return mul[:, :, None, None], add[:, :, None, None]
+
+    def forward(self, x: Tensor, emb: Tensor, terms: EmbeddingTerms | None = None) -> Tensor:
+        """``x`` ``(B, C_in, H, W)``, ``emb`` ``(B, emb_dim)`` -> ``(B, C_out, H, W)``.
+
+        ``terms``: this block's :meth:`embedding_terms` of ``emb`` when already computed
+        (:func:`embedding_terms` of all blocks of a network); ``emb`` is then not used.
+        """
         h = self.conv1(self.norm1(x), silu=True)
-        e = self.emb_proj(F.silu(emb))[:, :, None, None]                    # (B, C', 1, 1)
+        if terms is None:
+            terms = self.embedding_terms(emb)
         if self.scale_shift:
-            scale, shift = e.chunk(2, dim=1)                                # (B, C_out, 1, 1)
-            # norm2's affine folded into the per-sample scale and shift (tiny (B, C) maths):
-            # one pass over h after the normalisation instead of two,
-            # (n gamma + beta)(1 + scale) + shift = n [gamma (1 + scale)] + [beta (1 + scale)
-            # + shift]
-            norm, one_scale = self.norm2, 1 + scale
+            mul, add = terms                                                 # (B, C_out, 1, 1)
+            norm = self.norm2
             normed = F.group_norm(h, norm.num_groups, None, None, norm.eps)
-            h = torch.addcmul(norm.bias[:, None, None] * one_scale + shift, normed,
-                              norm.weight[:, None, None] * one_scale)
+            h = torch.addcmul(add, normed, mul)
         else:
-            h = self.norm2(h + e)
+            h = self.norm2(h + terms)
         if self.dropout.p > 0 and self.training:
             h = self.conv2(self.dropout(F.silu(h)))
         else:
             h = self.conv2(h, silu=True)
         return self.skip(x) + h
+
+
+EmbeddingTerms = tuple[Tensor, Tensor] | Tensor
+"""How a :class:`ResBlock` injects the embedding: ``(mul, add)``, each ``(B, C_out, 1, 1)``,
+with scale-shift (``h = normalised(h) * mul + add``), else the term added before the
+second group norm."""
+
+
+def embedding_terms(blocks: Sequence[ResBlock], emb: Tensor) -> list[EmbeddingTerms]:
+    """:meth:`ResBlock.embedding_terms` of every block in ``blocks`` from one matrix product.
+
+    The blocks' projection weights (and norm2 affines) are concatenated, so the SiLU, the
+    projection and the scale-shift maths run once for the network instead of once per
+    block: each of these ops on a ``(B, C)`` tensor costs its fixed overhead, which
+    dominated them (11 blocks of widths 32-64, batch 4, 2 cores: 0.20 vs 0.75 ms without
+    gradients, 1.2 vs 2.9 ms with). Same values as the per-block terms up to the
+    summation order of the product.
+    """
+    if not blocks:
+        return []
+    scale_shift = blocks[0].scale_shift
+    if any(b.scale_shift != scale_shift for b in blocks):
+        return [b.embedding_terms(emb) for b in blocks]
+    weight = torch.cat([b.emb_proj.weight for b in blocks])                 # (sum C', emb)
+    bias = torch.cat([b.emb_proj.bias for b in blocks])
+    e = F.linear(F.silu(emb), weight, bias)                                 # (B, sum C')
+    widths = [b.norm2.num_channels for b in blocks]
+    if not scale_shift:
+        return list(e[:, :, None, None].split(widths, dim=1))
+    # block k's slice of e is [scale_k, shift_k]: reorder to all scales, then all shifts
+    order = _scale_shift_order(tuple(widths), e.device)
+    scale, shift = e.index_select(1, order).view(e.shape[0], 2, -1).unbind(1)   # (B, S)
+    one_scale = 1 + scale
+    gamma = torch.cat([b.norm2.weight for b in blocks])                     # (S,)
+    beta = torch.cat([b.norm2.bias for b in blocks])
+    mul = (gamma * one_scale)[:, :, None, None].split(widths, dim=1)
+    add = torch.addcmul(shift, beta, one_scale)[:, :, None, None].split(widths, dim=1)
+    return list(zip(mul, add, strict=True))
+
+
+@functools.lru_cache(maxsize=64)
+def _scale_shift_order(widths: tuple[int, ...], device: torch.device) -> Tensor:
+    """Column order that turns ``[scale_1, shift_1, scale_2, shift_2, ...]`` (block widths
+    ``widths``) into ``[scale_1, scale_2, ..., shift_1, shift_2, ...]``."""
+    starts = torch.tensor([0, *widths[:-1]]).cumsum(0) * 2
+    scales = torch.cat([s + torch.arange(w) for s, w in zip(starts.tolist(), widths,
+                                                              strict=True)])
+    shifts = torch.cat([s + w + torch.arange(w) for s, w in zip(starts.tolist(), widths,
+                                                                  strict=True)])
+    return torch.cat([scales, shifts]).to(device)
 
 
 class SelfAttention2d(nn.Module):

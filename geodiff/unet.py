@@ -24,6 +24,7 @@ from geodiff.nn import (
     ResBlock,
     SelfAttention2d,
     Upsample,
+    embedding_terms,
     zero_init,
 )
 
@@ -192,23 +193,27 @@ class LatLonUNet(nn.Module):
         """
         noise_label, cond, cond_drop = self._check_inputs(x, noise_label, cond, cond_drop)
         emb = self.embed(noise_label, cond, cond_drop)
+        levels = (*self.down_levels, self.mid, *self.up_levels)
+        # every residual block's embedding injection at once (one matrix product)
+        terms = iter(embedding_terms([b for lvl in levels for b in lvl.blocks], emb))
 
         h = self.conv_in(x)
         skips = [h]
         for i, level in enumerate(self.down_levels):
             for block, attn in zip(level.blocks, level.attns, strict=True):
-                h = attn(block(h, emb))
+                h = attn(block(h, emb, next(terms)))
                 skips.append(h)
             if i < len(self.downsamples):
                 h = self.downsamples[i](h)
                 skips.append(h)
 
         for block, attn in zip(self.mid.blocks, self.mid.attns, strict=True):
-            h = attn(block(h, emb))
+            h = attn(block(h, emb, next(terms)))
 
         for i, level in enumerate(self.up_levels):
             for block, attn in zip(level.blocks, level.attns, strict=True):
-                h = attn(block(torch.cat([h, skips.pop()], dim=1), emb))   # (B, C+C_skip, .)
+                h = torch.cat([h, skips.pop()], dim=1)                      # (B, C+C_skip, .)
+                h = attn(block(h, emb, next(terms)))
             if i < len(self.upsamples):
                 h = self.upsamples[i](h)
         return self.conv_out(self.norm_out(h), silu=True)

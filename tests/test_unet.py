@@ -588,6 +588,51 @@ def test_resblock_scale_shift_is_dhariwal_nichol_adaptive_group_norm() -> None:
         torch.testing.assert_close(block(x, emb), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("scale_shift", [True, False])
+def test_network_computes_every_blocks_embedding_terms_at_once(scale_shift: bool) -> None:
+    # the UNet injects the embedding of all its residual blocks from one concatenated
+    # product (geodiff.nn.embedding_terms); values and gradients must be those of each
+    # block's own projection, and the forward pass must equal block-by-block injection
+    from geodiff.nn import ResBlock, embedding_terms
+    net = make_net(scale_shift=scale_shift)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.GroupNorm):                  # non-trivial affines
+                m.weight.normal_(1.0, 0.5)
+                m.bias.normal_(0.0, 0.5)
+    blocks = [m for m in net.modules() if isinstance(m, ResBlock)]
+    assert len(blocks) == 3 + 2 + 6 and len({b.norm2.num_channels for b in blocks}) > 1
+    emb = randn(3, blocks[0].emb_proj.in_features, seed=2).requires_grad_()
+    batched, single = embedding_terms(blocks, emb), [b.embedding_terms(emb) for b in blocks]
+    flat_b = [t for terms in batched for t in (terms if scale_shift else (terms,))]
+    flat_s = [t for terms in single for t in (terms if scale_shift else (terms,))]
+    assert [t.shape for t in flat_b] == [t.shape for t in flat_s]
+    for a, b in zip(flat_b, flat_s, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    weights = [randn(*t.shape, seed=10 + i) for i, t in enumerate(flat_b)]
+    params = [emb] + [p for b in blocks for p in (b.emb_proj.weight, b.emb_proj.bias,
+                                                   b.norm2.weight, b.norm2.bias)]
+    loss_b = sum((t * w).sum() for t, w in zip(flat_b, weights, strict=True))
+    loss_s = sum((t * w).sum() for t, w in zip(flat_s, weights, strict=True))
+    for a, b in zip(torch.autograd.grad(loss_b, params, allow_unused=True),
+                    torch.autograd.grad(loss_s, params, allow_unused=True), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+    x, t = randn(3, 3, 8, 16, seed=4), torch.tensor([3.0, 500.0, 999.0])
+    with torch.no_grad():
+        out = net(x, t)
+        # the same network with every block computing its own terms
+        orig = {b: b.forward for b in blocks}
+        for b in blocks:
+            b.forward = lambda h, e, terms=None, _f=orig[b]: _f(h, e)
+        try:
+            per_block = net(x, t)
+        finally:
+            for b in blocks:
+                del b.forward
+    torch.testing.assert_close(out, per_block, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("topology", [GLOBAL, PERIODIC])
 @pytest.mark.parametrize("pad", [1, 2])
 @pytest.mark.parametrize("silu", [False, True])
