@@ -52,19 +52,35 @@ def reference_sphere_pad(x: torch.Tensor, p: int,
     return torch.cat([rows[..., -p:], rows, rows[..., :p]], dim=-1)
 
 
-def test_attention_is_softmax_attention_over_grid_points() -> None:
-    # the fused kernel path against attention written out: softmax(q k^T / sqrt d) v per head
+@pytest.mark.parametrize("explicit", [True, False])
+@pytest.mark.parametrize("grid", [(3, 4), (12, 16)])
+def test_attention_is_softmax_attention_over_grid_points(monkeypatch, explicit: bool,
+                                                        grid: tuple[int, int]) -> None:
+    # both CPU routes (explicit products up to _EXPLICIT_ATTENTION_UP_TO points, the fused
+    # kernel above) against attention written out: softmax(q k^T / sqrt d) v per head,
+    # with the same gradients
+    import geodiff.nn as gnn
+    monkeypatch.setattr(gnn, "_EXPLICIT_ATTENTION_UP_TO", 10**9 if explicit else 0)
     torch.manual_seed(0)
     attn = SelfAttention2d(8, 2, groups=4, topology=GLOBAL)
     nn.init.normal_(attn.proj.weight, std=0.3)
-    x = randn(2, 8, 3, 4)
+    hh, ww = grid
+    n = hh * ww
+    x = randn(2, 8, hh, ww).requires_grad_()
     h = attn.norm(x).flatten(2)                                           # (B, C, HW)
     qkv = torch.einsum("oc,bcp->bop", attn.qkv.weight[:, :, 0, 0], h) + attn.qkv.bias[:, None]
-    q, k, v = qkv.reshape(2, 3, 2, 4, 12).unbind(1)                      # (B, heads, d, HW)
+    q, k, v = qkv.reshape(2, 3, 2, 4, n).unbind(1)                       # (B, heads, d, HW)
     w = torch.softmax(torch.einsum("bndp,bndq->bnpq", q, k) / 2.0, dim=-1)
-    out = torch.einsum("bnpq,bndq->bndp", w, v).reshape(2, 8, 12)
+    out = torch.einsum("bnpq,bndq->bndp", w, v).reshape(2, 8, n)
     out = torch.einsum("oc,bcp->bop", attn.proj.weight[:, :, 0, 0], out) + attn.proj.bias[:, None]
-    torch.testing.assert_close(attn(x), x + out.reshape(2, 8, 3, 4), rtol=0, atol=1e-5)
+    ref = x + out.reshape(2, 8, hh, ww)
+    y = attn(x)
+    torch.testing.assert_close(y, ref, rtol=0, atol=1e-5)
+    g = randn(*y.shape, seed=5)
+    params = (x, attn.qkv.weight, attn.proj.weight, attn.norm.weight)
+    for a, b in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(ref, params, g),
+                    strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------
