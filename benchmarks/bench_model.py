@@ -22,16 +22,17 @@ Finally, with the analytic Gaussian denoiser of ``x0 ~ N(mu, diag s^2)``,
 evaluations for which DPM-Solver++ matches the sample quality of 1000-step DDPM.
 
 Writes ``benchmarks/results/bench_model.json``. ``--quick`` (grids 16x32 and 32x64, widths
-32-64-64, batch 4, 15 timed steps, 1000 sampler members) takes about two minutes on two CPU
+32-64-64, batch 4, 40 timed steps, 1000 sampler members) takes about four minutes on two CPU
 cores; the full run (grids 32x64 and 64x128, widths 64-128-256, two blocks per level, batch
 16, 30 timed steps, 4000 members) is meant for a GPU: allow one to two hours on a CPU, or
 pick one configuration (``--grids 32x64 --channels 1 --iters 8 --skip-sampler``: 4 min).
 
-What the numbers show (2 CPU cores; the H100 figures in README predate the CPU work below):
-on zero padding geodiff matches or beats diffusers step for step (CPU quick 1.04-1.15x,
-full-size network 1.01-1.02x); the global configuration costs 0-6 % more per step than
-plain diffusers, which has a seam and zero poles (CPU quick 0.96-1.01x, full-size 0.94x
-sampling / 0.96x training), and is 1.05-1.18x as fast as diffusers made seam-free with
+What the numbers show (2 CPU cores, whose timings move by up to 5 % between runs; the H100
+figures in README predate the CPU work below): on zero padding geodiff matches or beats
+diffusers step for step (CPU quick 1.02-1.26x, full-size network 0.98-1.01x); the global
+configuration is within a few per cent of plain diffusers, which has a seam and zero
+poles (CPU quick 0.99-1.05x in a 40-step A/B, 0.91-1.04x in single runs; full-size 0.94x
+sampling / 0.96x training), and 1.03-1.26x as fast as diffusers made seam-free with
 circular padding. The price is the explicit halo: every 3x3 convolution reads a
 (H + 2) x (W + 2) copy and its backward returns a gradient of that size (oneDNN's NCHW
 convolution costs grow with the input: +13 % at 8x16, +4 % at 16x32 over its own zero
@@ -52,8 +53,10 @@ are one gather (``F.interpolate`` round-trips through channels-last on CPU). On 
 halo is one gather/scatter of precomputed indices (strips were 15 % slower per H100
 training step). Also kept, and what lifted geodiff on both grids: 1x1 convolutions (skip
 connections, attention projections) as one matrix product per sample (oneDNN's 1x1
-convolution took 1.2-2.8x its time at the quick sizes, 0.93-1.25x at the full sizes) and the
-second group norm's affine folded into the scale-shift (one pass less).
+convolution took 1.2-2.8x its time at the quick sizes, 0.93-1.25x at the full sizes), the
+second group norm's affine folded into the scale-shift (one pass less), every block's
+embedding injection from one concatenated product (``embedding_terms``), and CPU attention
+over <= 128 points as explicit channels-first products.
 
 Usage::
 
@@ -106,7 +109,7 @@ class Setting:
 
 
 QUICK = Setting(grids=((16, 32), (32, 64)), channel_counts=(1, 4), widths=(32, 64, 64),
-                blocks=1, batch=4, warmup=3, iters=15, members=1000)
+                blocks=1, batch=4, warmup=3, iters=40, members=1000)
 FULL = Setting(grids=((32, 64), (64, 128)), channel_counts=(1, 4), widths=(64, 128, 256),
                blocks=2, batch=16, warmup=5, iters=30, members=4000)
 
