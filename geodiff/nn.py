@@ -659,7 +659,9 @@ class SelfAttention2d(nn.Module):
     Attention is permutation equivariant, so it keeps the longitude equivariance of the
     convolutions; position enters through the input coordinate channels. Uses
     :func:`torch.nn.functional.scaled_dot_product_attention` (flash / memory-efficient
-    kernels where available).
+    kernels where available), except on CPU over at most ``_EXPLICIT_ATTENTION_UP_TO``
+    grid points, where two explicit batched products are faster
+    (:func:`_attention_channels_first`).
 
     Parameters
     ----------
