@@ -719,8 +719,9 @@ def _attention_channels_first(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     Why not ``scaled_dot_product_attention``: it wants ``(N, L, d)`` (two transposing copies)
     and its CPU flash kernel is built for long sequences; at the UNet's coarsest levels
     (L <= 128 points) the explicit products took 0.75-0.85x its time forward + backward
-    (2 cores: 4 x 64 channels at 4x8 and 8x16, 16 x 256 at 8x16), while from 256 points on
-    the flash kernel wins (0.6-0.85x of the explicit version) and is used. Explicit
+    (2 cores: 4 x 64 channels at 4x8 and 8x16, 16 x 256 at 8x16). From 256 points on the
+    explicit products took 1.06-1.67x the flash kernel's time in all but one case measured
+    (16 x 256 at 16x16 forward + backward: 0.86x), so the kernel is used there. Explicit
     attention stores the ``(N, L, L)`` weights: at most 128 x 128 values per head here.
     """
     scores = torch.bmm(q.transpose(1, 2), k * q.shape[1] ** -0.5)           # (N, L, L)
