@@ -563,22 +563,9 @@ class ResBlock(nn.Module):
                      else nn.Identity())
 
     def embedding_terms(self, emb: Tensor) -> EmbeddingTerms:
-        """This block's injection of ``emb`` ``(B, emb_dim)``, see :data:`EmbeddingTerms`.
-
-        With scale-shift, norm2's affine is folded into the per-sample scale and shift
-        (tiny ``(B, C)`` maths, one pass over the activations after the normalisation
-        instead of two): ``(n gamma + beta)(1 + scale) + shift = n [gamma (1 + scale)] +
-        [beta (1 + scale) + shift]``. :func:`embedding_terms` computes those of many blocks
-        at once.
-        """
-        e = self.emb_proj(F.silu(emb))                                       # (B, C')
-        if not self.scale_shift:
-            return e[:, :, None, None]
-        scale, shift = e.chunk(2, dim=1)                                     # (B, C_out)
-        one_scale = 1 + scale
-        mul = self.norm2.weight * one_scale
-        add = torch.addcmul(shift, self.norm2.bias, one_scale)
-        return mul[:, :, None, None], add[:, :, None, None]
+        """This block's injection of ``emb`` ``(B, emb_dim)``, see :data:`EmbeddingTerms`
+        and :func:`embedding_terms` (which computes those of many blocks at once)."""
+        return embedding_terms([self], emb)[0]
 
     def forward(self, x: Tensor, emb: Tensor, terms: EmbeddingTerms | None = None) -> Tensor:
         """``x`` ``(B, C_in, H, W)``, ``emb`` ``(B, emb_dim)`` -> ``(B, C_out, H, W)``.
@@ -612,18 +599,21 @@ second group norm."""
 def embedding_terms(blocks: Sequence[ResBlock], emb: Tensor) -> list[EmbeddingTerms]:
     """:meth:`ResBlock.embedding_terms` of every block in ``blocks`` from one matrix product.
 
-    The blocks' projection weights (and norm2 affines) are concatenated, so the SiLU, the
-    projection and the scale-shift maths run once for the network instead of once per
-    block: each of these ops on a ``(B, C)`` tensor costs its fixed overhead, which
+    With scale-shift, norm2's affine is folded into the per-sample scale and shift (tiny
+    ``(B, C)`` maths, one pass over the activations after the normalisation instead of
+    two): ``(n gamma + beta)(1 + scale) + shift = n [gamma (1 + scale)] + [beta (1 + scale)
+    + shift]``. The blocks' projection weights (and norm2 affines) are concatenated, so the
+    SiLU, the projection and the scale-shift maths run once for the network instead of once
+    per block: each of these ops on a ``(B, C)`` tensor costs its fixed overhead, which
     dominated them (11 blocks of widths 32-64, batch 4, 2 cores: 0.20 vs 0.75 ms without
-    gradients, 1.2 vs 2.9 ms with). Same values as the per-block terms up to the
-    summation order of the product.
+    gradients, 1.2 vs 2.9 ms with). A single block (:meth:`ResBlock.embedding_terms`) is the
+    one-element case; many blocks give its values up to the summation order of the product.
     """
     if not blocks:
         return []
     scale_shift = blocks[0].scale_shift
     if any(b.scale_shift != scale_shift for b in blocks):
-        return [b.embedding_terms(emb) for b in blocks]
+        return [embedding_terms([b], emb)[0] for b in blocks]
     weight = torch.cat([b.emb_proj.weight for b in blocks])                 # (sum C', emb)
     bias = torch.cat([b.emb_proj.bias for b in blocks])
     e = F.linear(F.silu(emb), weight, bias)                                 # (B, sum C')
