@@ -200,12 +200,22 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+@dataclass(frozen=True)
+class Timing:
+    """Seconds per call of one closure: medians and every timed wall-clock call in order."""
+
+    wall: float
+    cpu: float
+    walls: tuple[float, ...]
+
+
 def time_interleaved(steps: dict[str, Callable[[], None]], warmup: int, iters: int,
-                     device: str) -> dict[str, tuple[float, float]]:
+                     device: str) -> dict[str, Timing]:
     """Median (wall, process CPU) seconds per call of each closure, called in turn.
 
     On a shared CPU the CPU time is the steadier measure of the work a step needs; the wall
-    time is what a user waits.
+    time is what a user waits. Call ``k`` of every closure falls in round ``k``, so the
+    per-call wall times of two closures can be paired (:func:`paired_speed_ratio`).
     """
     for _ in range(warmup):
         for step in steps.values():
@@ -220,8 +230,66 @@ def time_interleaved(steps: dict[str, Callable[[], None]], warmup: int, iters: i
             _sync(device)
             wall[name].append(time.perf_counter() - t0)
             cpu[name].append(time.process_time() - c0)
-    return {name: (statistics.median(wall[name]), statistics.median(cpu[name]))
+    return {name: Timing(statistics.median(wall[name]), statistics.median(cpu[name]),
+                         tuple(wall[name]))
             for name in steps}
+
+
+def paired_speed_ratio(ref: Timing, other: Timing, level: float = 0.90
+                       ) -> tuple[float, float, float]:
+    """Speed of ``other`` relative to ``ref`` (> 1: ``other`` is faster) with a confidence
+    interval: ``(median, low, high)`` of the per-round ratios ``ref_k / other_k``.
+
+    Pairing the calls of one round cancels the slow drifts of a shared machine, which a
+    ratio of two medians keeps. The interval is the distribution-free one for a median
+    (order statistics ``j`` and ``n + 1 - j`` of the ``n`` ratios, ``j`` the largest rank
+    with ``P(Binomial(n, 1/2) < j) <= (1 - level) / 2``; e.g. Hollander, Wolfe & Chicken,
+    "Nonparametric Statistical Methods", 3rd ed., sec. 3.6), so it assumes only that the
+    rounds are independent; it is ``(min, max)`` when ``n`` is too small for ``level``.
+    """
+    ratios = sorted(r / o for r, o in zip(ref.walls, other.walls, strict=True))
+    n = len(ratios)
+    tail, j, cdf = (1 - level) / 2, 0, 0.0
+    while j < n and cdf + math.comb(n, j) / 2**n <= tail:
+        cdf += math.comb(n, j) / 2**n
+        j += 1
+    low, high = (ratios[j - 1], ratios[n - j]) if j else (ratios[0], ratios[-1])
+    return statistics.median(ratios), low, high
+
+
+def conv_macs_formula(x_shape, w_shape, _bias, stride, padding, dilation, transposed, *args,
+                      out_shape=None, **kwargs) -> int:
+    """Multiply-adds of one convolution, counting only the kernel taps that land on input
+    cells: a direct convolution (oneDNN's) skips the taps over its implicit zero padding, so
+    a 3x3 convolution of an 8 x 16 grid with ``padding=1`` does 0.88x the work of the same
+    convolution of an explicitly padded 10 x 18 grid (for the
+    ``torch.utils.flop_counter.FlopCounterMode`` registry, which counts full windows)."""
+    if transposed:
+        raise NotImplementedError("transposed convolutions are not counted")
+    taps = 1
+    for d, k in enumerate(w_shape[2:]):
+        pos = (torch.arange(out_shape[2 + d])[:, None] * stride[d] - padding[d]
+               + torch.arange(k)[None, :] * dilation[d])
+        taps *= int(((pos >= 0) & (pos < x_shape[2 + d])).sum())
+    return x_shape[0] * w_shape[0] * w_shape[1] * taps
+
+
+def effective_macs(name: str, model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> int:
+    """Multiply-adds per sample of one network evaluation: every operation that
+    ``FlopCounterMode`` counts (matrix products, attention, convolutions), the convolutions
+    without the taps over zero padding (:func:`conv_macs_formula`)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    conv = torch.ops.aten.convolution
+    full = FlopCounterMode(display=False)
+    taps = FlopCounterMode(display=False, custom_mapping={conv: conv_macs_formula})
+    for mode in (full, taps):
+        with mode, torch.no_grad():
+            forward(name, model, x, t)
+    full_flops = full.get_flop_counts()["Global"]
+    macs = (full.get_total_flops() - full_flops.get(conv, 0)) / 2 \
+        + taps.get_flop_counts()["Global"].get(conv, 0)
+    return round(macs / x.shape[0])
 
 
 def _trim_heap() -> None:
@@ -273,32 +341,38 @@ def bench_config(setting: Setting, channels: int, grid: tuple[int, int], device:
     x = torch.randn(setting.batch, channels, *grid, generator=gen).to(device)
     t = (torch.rand(setting.batch, generator=gen) * 999).to(device)
     train, sample = make_steps(models, x, t, device)
+    macs = {k: effective_macs(k, m, x[:1], t[:1]) for k, m in models.items()}
     train_s = time_interleaved(train, setting.warmup, setting.iters, device)
     sample_s = time_interleaved(sample, setting.warmup, setting.iters, device)
     out = {"grid": list(grid), "channels": channels, "batch": setting.batch, "params": counts,
            "models": {}}
     for name in models:
         out["models"][name] = {
-            "train_samples_per_s": setting.batch / train_s[name][0],
-            "sample_samples_per_s": setting.batch / sample_s[name][0],
-            "train_cpu_s_per_step": train_s[name][1],
-            "sample_cpu_s_per_step": sample_s[name][1],
+            "macs_per_sample": macs[name],
+            "train_samples_per_s": setting.batch / train_s[name].wall,
+            "sample_samples_per_s": setting.batch / sample_s[name].wall,
+            "train_cpu_s_per_step": train_s[name].cpu,
+            "sample_cpu_s_per_step": sample_s[name].cpu,
             "train_peak_mib": peak_memory_mib(train[name], device),
             "sample_peak_mib": peak_memory_mib(sample[name], device),
         }
-    ref = out["models"]["diffusers"]
-    circ = out["models"]["diffusers_circular"]
+    timings = {"train": train_s, "sample": sample_s}
     for name in ("geodiff_global", "geodiff_regional", "diffusers_circular"):
         m = out["models"][name]
-        for kind in ("train", "sample"):
-            m[f"{kind}_speed_ratio"] = (m[f"{kind}_samples_per_s"]
-                                        / ref[f"{kind}_samples_per_s"])
-            m[f"{kind}_cpu_time_ratio"] = (ref[f"{kind}_cpu_s_per_step"]
-                                           / m[f"{kind}_cpu_s_per_step"])
+        m["macs_ratio"] = macs[name] / macs["diffusers"]
+        for kind, s in timings.items():
+            ratio, low, high = paired_speed_ratio(s["diffusers"], s[name])
+            m[f"{kind}_speed_ratio"] = ratio
+            m[f"{kind}_speed_ratio_ci90"] = [low, high]
+            m[f"{kind}_cpu_time_ratio"] = s["diffusers"].cpu / s[name].cpu
+            # multiply-adds per second relative to diffusers: the speed of the arithmetic,
+            # apart from how much of it each network's padding needs
+            m[f"{kind}_speed_per_mac_ratio"] = ratio * m["macs_ratio"]
         if name == "geodiff_global":
-            for kind in ("train", "sample"):
-                m[f"{kind}_speed_ratio_vs_circular"] = (m[f"{kind}_samples_per_s"]
-                                                        / circ[f"{kind}_samples_per_s"])
+            for kind, s in timings.items():
+                ratio, low, high = paired_speed_ratio(s["diffusers_circular"], s[name])
+                m[f"{kind}_speed_ratio_vs_circular"] = ratio
+                m[f"{kind}_speed_ratio_vs_circular_ci90"] = [low, high]
     return out
 
 
@@ -394,20 +468,24 @@ def dpmpp_evals_to_match_ddpm(members: int, sigma_min: float = 0.002, sigma_max:
 
 
 def print_table(configs: list[dict]) -> None:
-    """Throughput (wall clock), speed ratios vs diffusers (wall / CPU time) and memory."""
-    head = (f"{'grid':>7} {'C':>1} {'model':<19}{'params':>8} {'train/s':>8} {'ratio':>5} "
-            f"{'cpu':>5} {'sample/s':>8} {'ratio':>5} {'cpu':>5} {'trainMiB':>8} "
-            f"{'sampMiB':>7}")
+    """Throughput (wall clock), speed ratios vs diffusers (paired median [90 % interval] /
+    CPU time), multiply-adds relative to diffusers and memory."""
+    head = (f"{'grid':>7} {'C':>1} {'model':<19}{'params':>8} {'MACs':>5} {'train/s':>8} "
+            f"{'ratio [90% CI]':>17} {'cpu':>5} {'sample/s':>8} {'ratio [90% CI]':>17} "
+            f"{'cpu':>5} {'trainMiB':>8} {'sampMiB':>7}")
     print(head)
     print("-" * len(head))
     for cfg in configs:
         grid = f"{cfg['grid'][0]}x{cfg['grid'][1]}"
         for name, m in cfg["models"].items():
-            r = [m.get(k, 1.0) for k in ("train_speed_ratio", "train_cpu_time_ratio",
-                                         "sample_speed_ratio", "sample_cpu_time_ratio")]
+            cols = []
+            for kind in ("train", "sample"):
+                low, high = m.get(f"{kind}_speed_ratio_ci90", (1.0, 1.0))
+                cols.append(f"{m[f'{kind}_samples_per_s']:>8.1f} "
+                            f"{m.get(f'{kind}_speed_ratio', 1.0):>5.2f} "
+                            f"[{low:.2f},{high:.2f}] {m.get(f'{kind}_cpu_time_ratio', 1.0):>5.2f}")
             print(f"{grid:>7} {cfg['channels']:>1} {name:<19}{cfg['params'][name]:>8} "
-                  f"{m['train_samples_per_s']:>8.1f} {r[0]:>5.2f} {r[1]:>5.2f} "
-                  f"{m['sample_samples_per_s']:>8.1f} {r[2]:>5.2f} {r[3]:>5.2f} "
+                  f"{m.get('macs_ratio', 1.0):>5.3f} {cols[0]} {cols[1]} "
                   f"{m['train_peak_mib']:>8.1f} {m['sample_peak_mib']:>7.1f}")
 
 
@@ -449,12 +527,27 @@ def main(argv: list[str] | None = None) -> dict:
     configs = [bench_config(setting, c, grid, device)
                for grid in setting.grids for c in setting.channel_counts]
     print_table(configs)
+
     def worst(model: str, key: str) -> float:
         return min(c["models"][model][key] for c in configs)
 
+    def worst_ci(model: str, key: str) -> list[float]:
+        """The 90 % interval of the configuration with the worst ``key``."""
+        cfg = min(configs, key=lambda c: c["models"][model][key])
+        return cfg["models"][model][f"{key}_ci90"]
+
+    global_macs = [c["models"]["geodiff_global"]["macs_ratio"] for c in configs]
     summary = {
         "train_speed_ratio_vs_diffusers": worst("geodiff_global", "train_speed_ratio"),
         "sample_speed_ratio_vs_diffusers": worst("geodiff_global", "sample_speed_ratio"),
+        "train_speed_ratio_vs_diffusers_ci90": worst_ci("geodiff_global", "train_speed_ratio"),
+        "sample_speed_ratio_vs_diffusers_ci90": worst_ci("geodiff_global",
+                                                         "sample_speed_ratio"),
+        "global_macs_ratio_vs_diffusers": [min(global_macs), max(global_macs)],
+        "train_speed_per_mac_ratio_vs_diffusers": worst("geodiff_global",
+                                                        "train_speed_per_mac_ratio"),
+        "sample_speed_per_mac_ratio_vs_diffusers": worst("geodiff_global",
+                                                         "sample_speed_per_mac_ratio"),
         "regional_train_speed_ratio_vs_diffusers": worst("geodiff_regional",
                                                          "train_speed_ratio"),
         "regional_sample_speed_ratio_vs_diffusers": worst("geodiff_regional",
