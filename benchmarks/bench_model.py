@@ -21,42 +21,56 @@ Finally, with the analytic Gaussian denoiser of ``x0 ~ N(mu, diag s^2)``,
 ``D(x, sigma) = mu + s^2 / (s^2 + sigma^2) (x - mu)``, it finds the fewest network
 evaluations for which DPM-Solver++ matches the sample quality of 1000-step DDPM.
 
+Speed ratios are medians over rounds of the per-round ratio diffusers time / geodiff
+time (each round times every network once, so a slow spell of a shared machine hits both
+sides of a ratio), with distribution-free 90 % intervals (:func:`paired_speed_ratio`).
+The multiply-adds each network needs per sample (``macs_per_sample``, ratio ``macs_ratio``)
+are counted with ``torch.utils.flop_counter``, convolution taps over zero padding left out
+(:func:`conv_macs_formula`): plain diffusers' convolutions skip them; a global grid's halo
+holds data, so every tap of geodiff's global network is real work (1.03-1.11x plain
+diffusers' multiply-adds at these sizes, as many as diffusers made seam-free). ``*_per_mac``
+ratios scale the speed ratio by the multiply-add ratio: the speed of the arithmetic.
+
 Writes ``benchmarks/results/bench_model.json``. ``--quick`` (grids 16x32 and 32x64, widths
 32-64-64, batch 4, 40 timed steps, 1000 sampler members) takes about four minutes on two CPU
 cores; the full run (grids 32x64 and 64x128, widths 64-128-256, two blocks per level, batch
 16, 30 timed steps, 4000 members) is meant for a GPU: allow one to two hours on a CPU, or
-pick one configuration (``--grids 32x64 --channels 1 --iters 8 --skip-sampler``: 4 min).
+pick one configuration (``--grids 32x64 --channels 1 --iters 10 --skip-sampler``: 7 min).
 
-What the numbers show (2 CPU cores, whose timings move by up to 5 % between runs; the H100
-figures in README predate the CPU work below): on zero padding geodiff matches or beats
-diffusers step for step (CPU quick 1.02-1.26x, full-size network 0.98-1.01x); the global
-configuration is within a few per cent of plain diffusers, which has a seam and zero
-poles (CPU quick 0.99-1.05x in a 40-step A/B, 0.91-1.04x in single runs; full-size 0.94x
-sampling / 0.96x training), and 1.03-1.26x as fast as diffusers made seam-free with
-circular padding. The price is the explicit halo: every 3x3 convolution reads a
-(H + 2) x (W + 2) copy and its backward returns a gradient of that size (oneDNN's NCHW
-convolution costs grow with the input: +13 % at 8x16, +4 % at 16x32 over its own zero
-padding), plus the copy itself. Tried and measured: concatenation (10x slower than slice
-copies), autograd through slice assignments (clones the gradient once per assignment), a
-copy-free "zero-padded conv + edge corrections" (its thin convolutions cost more than the
-copy), channels-last memory format (whole net 0.64-0.86x diffusers; only the padded
-convolution input: slower except at 8x16 with >= 256 channels), convolutions as shifted or
-im2col matrix products on the padded grid (1.4-3x oneDNN), ``torch.compile`` of both
-networks (geodiff global 0.84x compiled diffusers: worse than eager). Kept, on CPU: below
-64 K values per sample the padded tensor is one gather of a cached index along dim 1 of a
-``(B * C, H * W)`` view (3-5x faster than along the last dim of ``(B, C, H * W)``), whose
-backward autograd derives in C++; above, one preallocated tensor with SiLU computed
-straight into it and four strided strip copies (strip views cached per shape), with a
-backward that folds the halo gradient in place into the incoming gradient and crops it
-through ``silu_backward``; on periodic grids the nearest-neighbour upsampling and the halo
-are one gather (``F.interpolate`` round-trips through channels-last on CPU). On CUDA the
-halo is one gather/scatter of precomputed indices (strips were 15 % slower per H100
-training step). Also kept, and what lifted geodiff on both grids: 1x1 convolutions (skip
-connections, attention projections) as one matrix product per sample (oneDNN's 1x1
-convolution took 1.2-2.8x its time at the quick sizes, 0.93-1.25x at the full sizes), the
-second group norm's affine folded into the scale-shift (one pass less), every block's
-embedding injection from one concatenated product (``embedding_terms``), and CPU attention
-over <= 128 points as explicit channels-first products.
+What the numbers show (2 CPU cores; the H100 figures in README predate the CPU work below):
+on zero padding geodiff beats diffusers step for step (CPU quick 1.04-1.13x train /
+1.11-1.23x sample, full-size network 1.07x / 1.02x). The global configuration is 1.21-1.28x
+train / 1.03-1.19x sample as fast as diffusers made seam-free with circular padding, the
+like-for-like peer, and 0.97-1.00x train / 0.99-1.03x sample plain diffusers at the quick
+sizes (90 % intervals within 0.95-1.06; full size 1.01x [0.89, 1.29] / 0.94x [0.88, 1.00]),
+which has a seam and zero poles and needs 7-11 % (full size 8 %) fewer multiply-adds: per
+multiply-add geodiff's global network is 1.02-1.15x as fast as plain diffusers. The price
+of the halo is that arithmetic plus the copy: every 3x3 convolution reads a (H + 2) x (W +
+2) copy and its backward returns a gradient of that size (oneDNN's NCHW convolution took
++19 % at 4x8, +5 % at 8x16, +6 % at 16x32, +2 % at 32x64 over its own zero padding), plus
+the copy itself. Tried and measured: concatenation (10x slower than slice copies), autograd
+through slice assignments (clones the gradient once per assignment), a copy-free
+"zero-padded conv + edge corrections" (its thin convolutions cost more than the copy),
+channels-last memory format (whole net 0.64-0.86x diffusers; only the padded convolution
+input: slower except at 8x16 with >= 256 channels), convolutions as shifted or im2col
+matrix products on the padded grid (1.4-3x oneDNN), Winograd F(2x2, 3x3) as batched matrix
+products (fewer multiplies, but the transforms and a memory-bound product at 64-128
+channels: forward 1.4-2.8x oneDNN's time, 0.94x only at 256 channels on 8x16),
+``torch.compile`` of both networks (geodiff global 0.84x compiled diffusers: worse than
+eager). Kept, on CPU: below 64 K values per sample the padded tensor is one gather of a
+cached index along dim 1 of a ``(B * C, H * W)`` view (3-5x faster than along the last dim
+of ``(B, C, H * W)``), whose backward autograd derives in C++; above, one preallocated
+tensor with SiLU computed straight into it and four strided strip copies (strip views
+cached per shape), with a backward that folds the halo gradient in place into the incoming
+gradient and crops it through ``silu_backward``; on periodic grids the nearest-neighbour
+upsampling and the halo are one gather (``F.interpolate`` round-trips through channels-last
+on CPU). On CUDA the halo is one gather/scatter of precomputed indices (strips were 15 %
+slower per H100 training step). Also kept, and what lifted geodiff on both grids: 1x1
+convolutions (skip connections, attention projections) as one matrix product per sample
+(oneDNN's 1x1 convolution took 1.2-2.8x its time at the quick sizes, 0.93-1.25x at the full
+sizes), the second group norm's affine folded into the scale-shift (one pass less), every
+block's embedding injection from one concatenated product (``embedding_terms``), and CPU
+attention over <= 128 points as explicit channels-first products.
 
 Usage::
 
