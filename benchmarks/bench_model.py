@@ -39,23 +39,24 @@ pick one configuration (``--grids 32x64 --channels 1 --iters 10 --skip-sampler``
 
 What the numbers show (2 CPU cores; the H100 figures in README predate the CPU work below):
 on zero padding geodiff beats diffusers step for step (CPU quick 1.04-1.13x train /
-1.11-1.23x sample, full-size network 1.07x / 1.02x). The global configuration is 1.21-1.28x
-train / 1.03-1.19x sample as fast as diffusers made seam-free with circular padding, the
-like-for-like peer, and 0.97-1.00x train / 0.99-1.03x sample plain diffusers at the quick
-sizes (90 % intervals within 0.95-1.06; full size 1.01x [0.89, 1.29] / 0.94x [0.88, 1.00]),
-which has a seam and zero poles and needs 7-11 % (full size 8 %) fewer multiply-adds: per
-multiply-add geodiff's global network is 1.02-1.15x as fast as plain diffusers. The price
-of the halo is that arithmetic plus the copy: every 3x3 convolution reads a (H + 2) x (W +
-2) copy and its backward returns a gradient of that size (oneDNN's NCHW convolution took
-+19 % at 4x8, +5 % at 8x16, +6 % at 16x32, +2 % at 32x64 over its own zero padding), plus
-the copy itself. Tried and measured: concatenation (10x slower than slice copies), autograd
-through slice assignments (clones the gradient once per assignment), a copy-free
-"zero-padded conv + edge corrections" (its thin convolutions cost more than the copy),
-channels-last memory format (whole net 0.64-0.86x diffusers; only the padded convolution
-input: slower except at 8x16 with >= 256 channels), convolutions as shifted or im2col
-matrix products on the padded grid (1.4-3x oneDNN), Winograd F(2x2, 3x3) as batched matrix
-products (fewer multiplies, but the transforms and a memory-bound product at 64-128
-channels: forward 1.4-2.8x oneDNN's time, 0.94x only at 256 channels on 8x16),
+1.11-1.23x sample, full-size network 1.04-1.07x / 1.01-1.02x). The global configuration is
+1.21-1.28x train / 1.02-1.19x sample as fast as diffusers made seam-free with circular
+padding, the like-for-like peer, and 0.97-1.00x train / 0.99-1.03x sample plain diffusers
+at the quick sizes (90 % intervals within 0.95-1.06; full size at 32x64 1.01x [0.89, 1.29]
+/ 0.94x [0.88, 1.00], at 64x128 0.95x [0.83, 1.36] / 0.99x [0.63, 1.12]), which has a seam
+and zero poles and needs 7-11 % (full size 8 % / 3 %) fewer multiply-adds: per multiply-add
+geodiff's global network is 1.02-1.15x as fast as plain diffusers (0.98x / 1.03x at
+64x128). The price of the halo is that arithmetic plus the copy: every 3x3 convolution
+reads a (H + 2) x (W + 2) copy and its backward returns a gradient of that size (oneDNN's
+NCHW convolution took +19 % at 4x8, +5 % at 8x16, +6 % at 16x32, +2 % at 32x64 over its own
+zero padding), plus the copy itself. Tried and measured: concatenation (10x slower than
+slice copies), autograd through slice assignments (clones the gradient once per
+assignment), a copy-free "zero-padded conv + edge corrections" (its thin convolutions cost
+more than the copy), channels-last memory format (whole net 0.64-0.86x diffusers; only the
+padded convolution input: slower except at 8x16 with >= 256 channels), convolutions as
+shifted or im2col matrix products on the padded grid (1.4-3x oneDNN), Winograd F(2x2, 3x3)
+as batched matrix products (fewer multiplies, but the transforms and a memory-bound product
+at 64-128 channels: forward 1.4-2.8x oneDNN's time, 0.94x only at 256 channels on 8x16),
 ``torch.compile`` of both networks (geodiff global 0.84x compiled diffusers: worse than
 eager). Kept, on CPU: below 64 K values per sample the padded tensor is one gather of a
 cached index along dim 1 of a ``(B * C, H * W)`` view (3-5x faster than along the last dim
