@@ -430,20 +430,38 @@ def sample_error(samples: torch.Tensor, mu: torch.Tensor, s: torch.Tensor) -> di
             "std_rms": std_err.square().mean().sqrt().item()}
 
 
-def dpmpp_evals_to_match_ddpm(members: int, sigma_min: float = 0.002, sigma_max: float = 80.0,
-                              max_steps: int = 60) -> dict:
-    """Fewest DPM-Solver++(2M) network evaluations matching DDPM-1000 sample statistics.
+SAMPLER_STEPS = {
+    "dpmpp": tuple(range(2, 61)),
+    "ddim": tuple(range(2, 61)) + (70, 80, 100, 125, 150, 200, 250, 300, 400, 500, 700, 1000),
+    "heun": tuple(range(2, 61)),
+    "ddpm": tuple(range(2, 61)) + (70, 80, 100, 125, 150, 200, 250, 300, 400, 500, 700, 1000),
+}
+"""Step counts tried per sampler by :func:`evals_to_match_ddpm`: the second-order solvers
+converge within tens of steps; first-order DDIM and ancestral DDPM on evenly spaced
+timesteps of the schedule are tried up to all 1000 (DDPM-1000 with the same seeds is the
+reference itself)."""
+
+
+def evals_to_match_ddpm(members: int, sigma_min: float = 0.002, sigma_max: float = 80.0,
+                        samplers: tuple[str, ...] = ("dpmpp", "heun", "ddim", "ddpm")) -> dict:
+    """Fewest network evaluations with which each sampler matches DDPM-1000's samples.
 
     The truth is ``N(mu, s^2)`` on a 16 x 32 one-channel grid (P = 512 pixels) with ``mu`` in
-    [-1, 1] and ``s`` in [0.05, 0.5] (scaled-data ranges). DDPM runs 1000 ancestral steps of
-    the linear schedule (Ho et al. 2020); DPM-Solver++ runs with its default noise levels
+    [-1, 1] and ``s`` in [0.05, 0.5] (scaled-data ranges), sampled through its exact denoiser
+    (:class:`GaussianDenoiser`), so only the sampler's discretisation and Monte-Carlo noise
+    are measured. The reference runs 1000 ancestral steps of the linear schedule (Ho et al.
+    2020). Each sampler runs in its standard setting for every step count of
+    :data:`SAMPLER_STEPS`: DPM-Solver++(2M) (Lu et al. 2022) at its default noise levels
     (:func:`geodiff.sampling.default_rho`: even in log sigma from ``sigma_max`` to
-    ``sigma_min``) for 2, 3, ..., ``max_steps`` steps. A step count matches when its RMS mean
-    error and RMS std error (:func:`sample_error`) are each at most DDPM-1000's plus two
-    standard errors of the difference of two independent Monte-Carlo RMS estimates,
-    ``2 sqrt(2) se / sqrt(2 P)`` with ``se = 1 / sqrt(N)`` (mean) or ``1 / sqrt(2 N)`` (std);
-    the answer is the fewest evaluations from which every larger step count matches
-    (``first_match`` records the first isolated one).
+    ``sigma_min``), Heun (Karras et al. 2022, algorithm 1, ``rho = 7``, same bounds), and
+    deterministic DDIM (Song et al. 2021, ``eta = 0``) and ancestral DDPM, both on evenly
+    spaced timesteps of the linear schedule. A step count matches when its RMS mean error and
+    RMS std error (:func:`sample_error`) are each at most DDPM-1000's plus two standard
+    errors of the difference of two independent Monte-Carlo RMS estimates,
+    ``2 sqrt(2) se / sqrt(2 P)`` with ``se = 1 / sqrt(N)`` (mean) or ``1 / sqrt(2 N)``
+    (std). The answer per sampler is the fewest evaluations from which every larger step
+    count tried matches (``first_match`` records the first isolated one); ``None`` when the
+    largest step count tried does not match.
     """
     from geodiff import sampling
     from geodiff.diffusion import make_schedule
@@ -452,6 +470,11 @@ def dpmpp_evals_to_match_ddpm(members: int, sigma_min: float = 0.002, sigma_max:
     shape = (members, 1, 16, 32)
     mu = torch.rand(1, *shape[1:], generator=gen, dtype=torch.float64) * 2 - 1
     s = 0.05 + 0.45 * torch.rand(1, *shape[1:], generator=gen, dtype=torch.float64)
+    linear = make_schedule("linear", 1000)
+    settings = {"dpmpp": {"sigma_min": sigma_min, "sigma_max": sigma_max},
+                "heun": {"sigma_min": sigma_min, "sigma_max": sigma_max},
+                "ddim": {"schedule": linear, "eta": 0.0},
+                "ddpm": {"schedule": linear}}
 
     def run(sampler: str, steps: int, **kw) -> tuple[dict[str, float], int]:
         den = GaussianDenoiser(mu, s)
@@ -460,28 +483,31 @@ def dpmpp_evals_to_match_ddpm(members: int, sigma_min: float = 0.002, sigma_max:
         return sample_error(out.double(), mu, s), den.calls
 
     t0 = time.perf_counter()
-    ddpm, ddpm_calls = run("ddpm", 1000, schedule=make_schedule("linear", 1000))
+    ddpm, ddpm_calls = run("ddpm", 1000, schedule=linear)
     pixels = mu.numel()
     tol_mean = 2 * math.sqrt(2) * (1 / math.sqrt(members)) / math.sqrt(2 * pixels)
     tol_std = 2 * math.sqrt(2) * (1 / math.sqrt(2 * members)) / math.sqrt(2 * pixels)
-    trials = []
-    for steps in range(2, max_steps + 1):
-        err, calls = run("dpmpp", steps, sigma_min=sigma_min, sigma_max=sigma_max)
-        ok = (err["mean_rms"] <= ddpm["mean_rms"] + tol_mean
-              and err["std_rms"] <= ddpm["std_rms"] + tol_std)
-        trials.append({"steps": steps, "evals": calls, **err, "matches": ok})
-    # the error is not monotone in the step count (an isolated lucky step count can match):
-    # report the fewest evaluations from which on every larger step count matches too
-    found = None
-    for trial in reversed(trials):
-        if not trial["matches"]:
-            break
-        found = trial["evals"]
-    first = next((t["evals"] for t in trials if t["matches"]), None)
-    return {"members": members, "pixels": pixels, "ddpm1000": {**ddpm, "evals": ddpm_calls},
-            "tolerance": {"mean_rms": tol_mean, "std_rms": tol_std}, "dpmpp": trials,
-            "evals_to_match": found, "first_match": first,
-            "seconds": time.perf_counter() - t0}
+    result = {"members": members, "pixels": pixels, "ddpm1000": {**ddpm, "evals": ddpm_calls},
+              "tolerance": {"mean_rms": tol_mean, "std_rms": tol_std}, "samplers": {}}
+    for sampler in samplers:
+        trials = []
+        for steps in SAMPLER_STEPS[sampler]:
+            err, calls = run(sampler, steps, **settings[sampler])
+            ok = (err["mean_rms"] <= ddpm["mean_rms"] + tol_mean
+                  and err["std_rms"] <= ddpm["std_rms"] + tol_std)
+            trials.append({"steps": steps, "evals": calls, **err, "matches": ok})
+        # the error is not monotone in the step count (an isolated lucky step count can
+        # match): report the fewest evaluations from which every larger count matches too
+        found = None
+        for trial in reversed(trials):
+            if not trial["matches"]:
+                break
+            found = trial["evals"]
+        first = next((t["evals"] for t in trials if t["matches"]), None)
+        result["samplers"][sampler] = {"evals_to_match": found, "first_match": first,
+                                       "trials": trials}
+    result["seconds"] = time.perf_counter() - t0
+    return result
 
 
 # ---------------------------------------------------------------------------------------
@@ -580,21 +606,22 @@ def main(argv: list[str] | None = None) -> dict:
         "sample_speed_ratio_vs_diffusers_circular": worst("geodiff_global",
                                                           "sample_speed_ratio_vs_circular"),
         "dpmpp_evals_to_match_ddpm1000": None,
+        "evals_to_match_ddpm1000": None,
     }
     result = {"summary": summary, "device": device, "quick": args.quick,
               "torch": torch.__version__, "threads": torch.get_num_threads(),
               "setting": setting.__dict__, "configs": configs}
     if not args.skip_sampler:
-        sampler = dpmpp_evals_to_match_ddpm(setting.members)
-        summary["dpmpp_evals_to_match_ddpm1000"] = sampler["evals_to_match"]
+        sampler = evals_to_match_ddpm(setting.members)
+        found = {k: v["evals_to_match"] for k, v in sampler["samplers"].items()}
+        summary["dpmpp_evals_to_match_ddpm1000"] = found["dpmpp"]
+        summary["evals_to_match_ddpm1000"] = found
         result["sampler"] = sampler
         print(f"DDPM-1000 errors {sampler['ddpm1000']}; tolerance {sampler['tolerance']}")
-        for trial in sampler["dpmpp"]:
-            if sampler["evals_to_match"] is not None and \
-                    abs(trial["evals"] - sampler["evals_to_match"]) <= 2:
-                print(f"  dpmpp {trial}")
-        print(f"  first match at {sampler['first_match']} evaluations, every step count from "
-              f"{sampler['evals_to_match']} on")
+        for name, res in sampler["samplers"].items():
+            tried = res["trials"][-1]["evals"]
+            print(f"  {name:<6} matches from {res['evals_to_match']} evaluations on "
+                  f"(first isolated match {res['first_match']}; tried up to {tried})")
     result["seconds"] = time.perf_counter() - t0
     print(json.dumps(summary, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)
