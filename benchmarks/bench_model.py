@@ -19,7 +19,9 @@ Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA and the peak RSS incr
 
 Finally, with the analytic Gaussian denoiser of ``x0 ~ N(mu, diag s^2)``,
 ``D(x, sigma) = mu + s^2 / (s^2 + sigma^2) (x - mu)``, it finds the fewest network
-evaluations for which DPM-Solver++ matches the sample quality of 1000-step DDPM.
+evaluations for which each sampler (DPM-Solver++, Heun, DDIM, DDPM on fewer timesteps)
+matches the sample quality of 1000-step DDPM (:func:`evals_to_match_ddpm`): 16, 57, 400 and
+all 1000 with 1000 members.
 
 Speed ratios are medians over rounds of the per-round ratio diffusers time / geodiff
 time (each round times every network once, so a slow spell of a shared machine hits both
@@ -32,17 +34,17 @@ diffusers' multiply-adds at these sizes, as many as diffusers made seam-free). `
 ratios scale the speed ratio by the multiply-add ratio: the speed of the arithmetic.
 
 Writes ``benchmarks/results/bench_model.json``. ``--quick`` (grids 16x32 and 32x64, widths
-32-64-64, batch 4, 40 timed steps, 1000 sampler members) takes about four minutes on two CPU
+32-64-64, batch 4, 40 timed steps, 1000 sampler members) takes about seven minutes on two CPU
 cores; the full run (grids 32x64 and 64x128, widths 64-128-256, two blocks per level, batch
 16, 30 timed steps, 4000 members) is meant for a GPU: allow one to two hours on a CPU, or
 pick one configuration (``--grids 32x64 --channels 1 --iters 10 --skip-sampler``: 7 min).
 
 What the numbers show (2 CPU cores; the H100 figures in README predate the CPU work below):
-on zero padding geodiff beats diffusers step for step (CPU quick 1.04-1.13x train /
-1.11-1.23x sample, full-size network 1.04-1.07x / 1.01-1.02x). The global configuration is
-1.21-1.28x train / 1.02-1.19x sample as fast as diffusers made seam-free with circular
-padding, the like-for-like peer, and 0.97-1.00x train / 0.99-1.03x sample plain diffusers
-at the quick sizes (90 % intervals within 0.95-1.06; full size at 32x64 1.01x [0.89, 1.29]
+on zero padding geodiff beats diffusers step for step (CPU quick 1.06-1.12x train /
+1.13-1.19x sample, full-size network 1.04-1.07x / 1.01-1.02x). The global configuration is
+1.18-1.25x train / 1.02-1.21x sample as fast as diffusers made seam-free with circular
+padding, the like-for-like peer, and 0.96-1.01x train / 0.98-1.04x sample plain diffusers
+at the quick sizes (90 % intervals within 0.93-1.12; full size at 32x64 1.01x [0.89, 1.29]
 / 0.94x [0.88, 1.00], at 64x128 0.95x [0.83, 1.36] / 0.99x [0.63, 1.12]), which has a seam
 and zero poles and needs 7-11 % (full size 8 % / 3 %) fewer multiply-adds: per multiply-add
 geodiff's global network is 1.02-1.15x as fast as plain diffusers (0.98x / 1.03x at
