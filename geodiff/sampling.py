@@ -17,6 +17,7 @@ correction on the last step to sigma = 0), :func:`inpaint` (N - 1) * resample + 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 
 import torch
@@ -63,20 +64,26 @@ def guided(denoiser_cond: Denoiser, denoiser_uncond: Denoiser, scale: float) -> 
     return denoiser
 
 
-def sigma_grid(sampler: str, steps: int, *, sigma_min: float | None = None,
+def sigma_grid(sampler: str, steps: int | None, *, sigma_min: float | None = None,
                sigma_max: float | None = None, rho: float | None = None,
-               schedule: Schedule | None = None) -> Tensor:
+               schedule: Schedule | None = None,
+               timesteps: Sequence[int] | None = None) -> Tensor:
     """The noise levels a sampler visits: float64 (steps + 1,), decreasing, last one 0.
 
     Rule: with a DDPM ``schedule``, ``ddpm`` and ``ddim`` use the schedule's own levels at the
     evenly spaced timesteps ``round(linspace(T-1, 0, steps))`` (all T timesteps when
     ``steps = T``: Ho et al.'s sampler exactly; the last step goes from ``sigmas[0]`` to 0,
-    Ho et al.'s t = 1 -> 0).  Otherwise (``heun``, ``dpmpp``, or no schedule) the Karras et
-    al. (2022, eq. 5) levels between ``sigma_min`` and ``sigma_max``, which default to the
+    Ho et al.'s t = 1 -> 0), or at the given ``timesteps``: any subset of ``0 .. T-1``, in
+    any order, visited from the largest down (e.g. the quadratic sequence of Song et al.
+    2021, appendix D.2, which spends more steps at low noise); ``steps`` is then
+    ``len(timesteps)`` or None.  Otherwise (``heun``, ``dpmpp``, or no schedule) the Karras
+    et al. (2022, eq. 5) levels between ``sigma_min`` and ``sigma_max``, which default to the
     schedule's smallest and largest level when a schedule is given.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"{sampler=} is not known; choose one of {SAMPLERS}")
+    if timesteps is not None:
+        return _timestep_grid(sampler, steps, schedule, timesteps)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"{steps=} must be an integer >= 1")
     if schedule is not None and sampler in ("ddpm", "ddim"):
@@ -93,6 +100,33 @@ def sigma_grid(sampler: str, steps: int, *, sigma_min: float | None = None,
                          "DDPM schedule to take them from")
     rho = default_rho(sampler) if rho is None else rho
     return karras_sigmas(steps, sigma_min, sigma_max, rho)
+
+
+def _timestep_grid(sampler: str, steps: int | None, schedule: Schedule | None,
+                   timesteps: Sequence[int]) -> Tensor:
+    """:func:`sigma_grid` at explicit ``timesteps`` of ``schedule`` (validated here)."""
+    if schedule is None or sampler not in ("ddpm", "ddim"):
+        raise ValueError(f"timesteps= picks levels of a DDPM schedule: it needs schedule= and "
+                         f"sampler 'ddpm' or 'ddim' (got {sampler=}, schedule="
+                         f"{'given' if schedule is not None else None}); other samplers take "
+                         "steps with sigma_min/sigma_max/rho")
+    # a list, tuple, NumPy array or tensor of integers
+    ts = timesteps.tolist() if hasattr(timesteps, "tolist") else list(timesteps)
+    if not ts or not all(isinstance(t, numbers.Integral) and not isinstance(t, bool)
+                         for t in ts):
+        raise ValueError(f"timesteps={ts!r} must be a non-empty sequence of integers")
+    ts = [int(t) for t in ts]
+    bad = [t for t in ts if not 0 <= t < schedule.timesteps]
+    if bad:
+        raise ValueError(f"timesteps {bad} are outside the schedule's 0 .. "
+                         f"{schedule.timesteps - 1}")
+    if len(set(ts)) != len(ts):
+        raise ValueError(f"timesteps={ts!r} repeat a timestep; give each one once")
+    if steps is not None and steps != len(ts):
+        raise ValueError(f"{steps=} disagrees with the {len(ts)} timesteps given; leave steps "
+                         "out (None) or make it len(timesteps)")
+    order = torch.tensor(sorted(ts, reverse=True), dtype=torch.long)
+    return torch.cat([schedule.sigmas[order], torch.zeros(1, dtype=torch.float64)])
 
 
 def default_rho(sampler: str) -> float:
@@ -185,9 +219,10 @@ def _sigma_batch(sigma: float, x: Tensor) -> Tensor:
 
 
 def sample(denoiser: Denoiser, shape: Sequence[int], generators: Sequence[torch.Generator], *,
-           sampler: str, steps: int, sigma_min: float | None = None,
+           sampler: str, steps: int | None = None, sigma_min: float | None = None,
            sigma_max: float | None = None, rho: float | None = None, eta: float = 0.0,
-           schedule: Schedule | None = None, variance: str = "beta_tilde",
+           schedule: Schedule | None = None, timesteps: Sequence[int] | None = None,
+           variance: str = "beta_tilde",
            churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = math.inf,
            s_noise: float = 1.0, device: str | torch.device | None = None,
            return_nfe: bool = False) -> Tensor | tuple[Tensor, int]:
@@ -211,8 +246,10 @@ def sample(denoiser: Denoiser, shape: Sequence[int], generators: Sequence[torch.
         ``"heun"``: Karras et al. (2022), Algorithm 1, or Algorithm 2 with ``churn`` > 0
         (``S_churn``, applied where ``s_tmin <= sigma <= s_tmax``, noise scaled by
         ``s_noise``).
-    steps, sigma_min, sigma_max, rho, schedule
-        The noise levels, see :func:`sigma_grid`.
+    steps, sigma_min, sigma_max, rho, schedule, timesteps
+        The noise levels, see :func:`sigma_grid` (``timesteps``: an explicit subset of a
+        DDPM schedule's timesteps for ``ddpm`` / ``ddim``, instead of ``steps`` evenly
+        spaced ones).
     device
         Where the sampling runs; default: the denoiser's parameters' device (else CPU).
     return_nfe
@@ -234,7 +271,7 @@ def sample(denoiser: Denoiser, shape: Sequence[int], generators: Sequence[torch.
     if not (churn >= 0 and s_noise >= 0):
         raise ValueError(f"{churn=} and {s_noise=} must be >= 0")
     grid = sigma_grid(sampler, steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
-                      schedule=schedule).tolist()
+                      schedule=schedule, timesteps=timesteps).tolist()
     dev = _resolve_device(denoiser, device)
     noise = _MemberNoise(generators, shape[1:], dev, torch.float32)
     counted = CountingDenoiser(denoiser)

@@ -175,6 +175,50 @@ def test_sigma_grid_rule():
         sigma_grid("heun", 10)
 
 
+def test_explicit_timesteps_are_any_subset_of_the_schedule():
+    even = torch.linspace(999, 0, 50, dtype=torch.float64).round().long()
+    # the evenly spaced subset given explicitly, in any order and container, is steps=50
+    for given in (even.flip(0), even.numpy(), even.tolist()[1::2] + even.tolist()[::2]):
+        assert torch.equal(sigma_grid("ddim", None, schedule=LINEAR, timesteps=given),
+                           sigma_grid("ddim", 50, schedule=LINEAR))
+    a = sample(DATA.denoiser, (3, 1, 4, 4), gens(3), sampler="ddim", steps=50, schedule=LINEAR)
+    b = sample(DATA.denoiser, (3, 1, 4, 4), gens(3), sampler="ddim", schedule=LINEAR,
+               timesteps=even.numpy(), steps=50)
+    assert torch.equal(a, b)
+    grid = sigma_grid("ddpm", None, schedule=LINEAR, timesteps=[10, 500, 3])
+    assert grid.tolist() == [LINEAR.sigmas[500].item(), LINEAR.sigmas[10].item(),
+                             LINEAR.sigmas[3].item(), 0.0]
+    # the quadratic sequence of Song et al. (2021, app. D.2) spends more steps at low noise,
+    # where first-order DDIM loses spread: with the same members (so Monte Carlo noise
+    # cancels) the mean std deficit at 49 steps shrinks from -4.5 % to -3.2 % (difference
+    # +0.0129 in three independent 20,000-member draws, stable to 1e-4)
+    quad = sorted({round((i / 49) ** 2 * 999) for i in range(50)})
+    n = 20000
+    sd = DATA.sd.float()[0]
+    bias = {}
+    for name, kw in (("even", dict(steps=len(quad))), ("quad", dict(timesteps=quad))):
+        x = sample(DATA.denoiser, (n, 1, 4, 4), gens(n), sampler="ddim", schedule=LINEAR, **kw)
+        bias[name] = (x.std(0) / sd - 1).mean().item()
+    assert bias["quad"] - bias["even"] > 0.01, bias
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(sampler="dpmpp", schedule=LINEAR, timesteps=[5, 1]), "needs schedule= and sampler"),
+    (dict(sampler="ddim", timesteps=[5, 1]), "needs schedule= and sampler"),
+    (dict(sampler="ddim", schedule=LINEAR, timesteps=[]), "non-empty sequence of integers"),
+    (dict(sampler="ddim", schedule=LINEAR, timesteps=[5.0, 1.0]), "sequence of integers"),
+    (dict(sampler="ddim", schedule=LINEAR, timesteps=[1000, 3, -1]),
+     r"timesteps \[1000, -1\] are outside the schedule's 0 .. 999"),
+    (dict(sampler="ddim", schedule=LINEAR, timesteps=[7, 3, 7]), "repeat a timestep"),
+    (dict(sampler="ddim", schedule=LINEAR, timesteps=[7, 3], steps=5), "steps=5 disagrees"),
+])
+def test_explicit_timesteps_rejected_before_any_work(kwargs, match):
+    calls = []
+    with pytest.raises(ValueError, match=match):
+        sample(lambda x, s: calls.append(1) or x, (2, 1, 4, 4), gens(2), **kwargs)
+    assert not calls
+
+
 @pytest.mark.parametrize("bad, match", [
     (dict(sampler="euler"), "'ddpm', 'ddim', 'dpmpp', 'heun'"),
     (dict(shape=(2, 4, 4)), "shape="),
