@@ -16,8 +16,10 @@ correction on the last step to sigma = 0), :func:`inpaint` (N - 1) * resample + 
 
 from __future__ import annotations
 
+import collections
 import math
 import numbers
+import reprlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -85,7 +87,8 @@ def sigma_grid(sampler: str, steps: int | None, *, sigma_min: float | None = Non
     if timesteps is not None:
         return _timestep_grid(sampler, steps, schedule, timesteps)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"{steps=} must be an integer >= 1")
+        raise ValueError(f"{steps=} must be an integer >= 1 (or, for ddpm / ddim on a DDPM "
+                         "schedule, give timesteps=)")
     if schedule is not None and sampler in ("ddpm", "ddim"):
         if steps > schedule.timesteps:
             raise ValueError(f"{steps=} exceeds the schedule's {schedule.timesteps} timesteps; "
@@ -114,14 +117,16 @@ def _timestep_grid(sampler: str, steps: int | None, schedule: Schedule | None,
     ts = timesteps.tolist() if hasattr(timesteps, "tolist") else list(timesteps)
     if not ts or not all(isinstance(t, numbers.Integral) and not isinstance(t, bool)
                          for t in ts):
-        raise ValueError(f"timesteps={ts!r} must be a non-empty sequence of integers")
+        raise ValueError(f"timesteps={reprlib.repr(ts)} must be a non-empty sequence of "
+                         "integers")
     ts = [int(t) for t in ts]
     bad = [t for t in ts if not 0 <= t < schedule.timesteps]
     if bad:
         raise ValueError(f"timesteps {bad} are outside the schedule's 0 .. "
                          f"{schedule.timesteps - 1}")
-    if len(set(ts)) != len(ts):
-        raise ValueError(f"timesteps={ts!r} repeat a timestep; give each one once")
+    repeated = sorted(t for t, k in collections.Counter(ts).items() if k > 1)
+    if repeated:
+        raise ValueError(f"timesteps repeat {repeated}; give each timestep once")
     if steps is not None and steps != len(ts):
         raise ValueError(f"{steps=} disagrees with the {len(ts)} timesteps given; leave steps "
                          "out (None) or make it len(timesteps)")

@@ -209,7 +209,8 @@ def test_explicit_timesteps_are_any_subset_of_the_schedule():
     (dict(sampler="ddim", schedule=LINEAR, timesteps=[5.0, 1.0]), "sequence of integers"),
     (dict(sampler="ddim", schedule=LINEAR, timesteps=[1000, 3, -1]),
      r"timesteps \[1000, -1\] are outside the schedule's 0 .. 999"),
-    (dict(sampler="ddim", schedule=LINEAR, timesteps=[7, 3, 7]), "repeat a timestep"),
+    (dict(sampler="ddim", schedule=LINEAR, timesteps=[7, 3, 7, 3, 9]), r"repeat \[3, 7\]"),
+    (dict(sampler="ddim", schedule=LINEAR), "steps=None must be an integer"),
     (dict(sampler="ddim", schedule=LINEAR, timesteps=[7, 3], steps=5), "steps=5 disagrees"),
 ])
 def test_explicit_timesteps_rejected_before_any_work(kwargs, match):
