@@ -20,10 +20,22 @@ def _add_common(p: argparse.ArgumentParser, *, seed: bool = True) -> None:
         p.add_argument("--seed", type=int, default=None, help="random seed")
 
 
+def _int_list(text: str) -> list[int]:
+    """``"999,500,0"`` -> ``[999, 500, 0]``."""
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, "
+                                         "e.g. 999,700,400,150,0") from None
+
+
 def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--members", type=int, default=None, help="members per condition cell")
     p.add_argument("--sampler", default=None, help="heun, dpmpp, ddim or ddpm")
     p.add_argument("--steps", type=int, default=None, help="sampler steps")
+    p.add_argument("--timesteps", type=_int_list, default=None,
+                   help="ddpm/ddim on a DDPM model: these schedule timesteps (comma-separated, "
+                        "e.g. 999,700,400,150,0) instead of --steps evenly spaced ones")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance")
     p.add_argument("--eta", type=float, default=None, help="DDIM eta")
     p.add_argument("--batch-size", type=int, default=None, help="samples generated together")
@@ -191,7 +203,8 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             conditions = (_open_any(args.conditions) if Path(args.conditions).exists()
                           else json.loads(args.conditions))
         out = generate_ensemble(args.checkpoint, args.members, conditions, sampler=args.sampler,
-                                steps=args.steps, guidance=args.guidance, eta=args.eta,
+                                steps=args.steps, timesteps=args.timesteps,
+                                guidance=args.guidance, eta=args.eta,
                                 seed=args.seed or 0, batch_size=args.batch_size,
                                 compute_batch=args.compute_batch, out=args.out,
                                 overwrite=args.overwrite, device=args.device)

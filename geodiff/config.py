@@ -283,9 +283,23 @@ class SamplingConfig:
     """Exponent of the Karras et al. (2022) noise-level spacing; ``.inf`` spaces the levels
     evenly in log sigma. ``null``: the sampler's default (``inf`` for dpmpp, 7 otherwise;
     :func:`geodiff.sampling.default_rho`)."""
+    timesteps: tuple[int, ...] | None = None
+    """``ddpm`` / ``ddim`` on a DDPM model (``diffusion.parameterization: ddpm``): visit these
+    timesteps of the schedule (any subset of ``0 .. diffusion.timesteps - 1``, e.g. DDIM's
+    quadratic sequence) instead of ``steps`` evenly spaced ones. ``null``: evenly spaced.
+    Generation with another sampler ignores it."""
 
     def validate(self, path: str) -> None:
         _require(self.steps >= 1, f"{path}.steps", self.steps, ">= 1")
+        if self.timesteps is not None:
+            ts = self.timesteps
+            _require(len(ts) > 0 and min(ts) >= 0, f"{path}.timesteps", list(ts),
+                     "a non-empty list of timesteps >= 0, or null")
+            _require(len(set(ts)) == len(ts), f"{path}.timesteps", list(ts),
+                     "each timestep once")
+            _require(self.sampler in ("ddpm", "ddim"), f"{path}.sampler", self.sampler,
+                     "ddpm or ddim when sampling.timesteps is set (other samplers take "
+                     "steps and rho)")
         _require(0.0 <= self.eta <= 1.0, f"{path}.eta", self.eta, "0 <= eta <= 1")
         _require(self.guidance >= 0, f"{path}.guidance", self.guidance, ">= 0")
         _require(self.members >= 1, f"{path}.members", self.members, ">= 1")
@@ -352,6 +366,13 @@ class Recipe:
             if is_dataclass(value) and hasattr(value, "validate"):
                 value.validate(f.name)
         cond = self.conditioning
+        if self.sampling.timesteps is not None:
+            _require(self.diffusion.parameterization == "ddpm", "sampling.timesteps",
+                     list(self.sampling.timesteps), "null unless diffusion.parameterization is "
+                     "ddpm (an EDM model has noise levels, not timesteps: use steps and rho)")
+            _require(max(self.sampling.timesteps) < self.diffusion.timesteps,
+                     "sampling.timesteps", list(self.sampling.timesteps),
+                     f"timesteps below diffusion.timesteps ({self.diffusion.timesteps})")
         if self.scaling.anomaly == "trend":
             _require(cond.year or self.scaling.trend_coord != "year", "scaling.anomaly", "trend",
                      "conditioning.year: true (the trend is a function of the year, so the model"

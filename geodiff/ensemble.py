@@ -203,7 +203,8 @@ def _denoiser_for(model: LoadedModel, fields: torch.Tensor, cond: torch.Tensor,
 
 def sample_items(model: LoadedModel, items: Sequence[tuple[int, int]], cond_vectors: np.ndarray,
                  *, sampler: str, steps: int, guidance: float, eta: float, seed: int,
-                 compute_batch: int | None = None) -> np.ndarray:
+                 compute_batch: int | None = None,
+                 timesteps: Sequence[int] | None = None) -> np.ndarray:
     """Generate (cell, member) items in one batch -> (n, C, lat, lon) scaled, cropped."""
     from geodiff.sampling import sample
 
@@ -221,13 +222,15 @@ def sample_items(model: LoadedModel, items: Sequence[tuple[int, int]], cond_vect
     with torch.no_grad():
         x = sample(_denoiser_for(model, fields, cond, guidance, compute_batch), (n, c, h, w), gens,
                    sampler=sampler, steps=steps, sigma_min=smin, sigma_max=smax,
-                   rho=model.recipe.sampling.rho, eta=eta, schedule=schedule, device=dev)
+                   rho=model.recipe.sampling.rho, eta=eta, schedule=schedule,
+                   timesteps=timesteps, device=dev)
     return model.padding.crop(x.float().cpu()).numpy()
 
 
 def generate_ensemble(checkpoint: str | Path | LoadedModel, members: int | None = None,
                       conditions: Any = None, *, sampler: str | None = None,
-                      steps: int | None = None, guidance: float | None = None,
+                      steps: int | None = None, timesteps: Sequence[int] | None = None,
+                      guidance: float | None = None,
                       eta: float | None = None, seed: int = 0, batch_size: int | None = None,
                       compute_batch: int | None = None, out: str | Path | None = None,
                       overwrite: bool = False,
@@ -241,6 +244,10 @@ def generate_ensemble(checkpoint: str | Path | LoadedModel, members: int | None 
     members : number of members per condition cell (default: recipe ``sampling.members``).
     conditions : xarray object (its sample-dim coordinates are used) or ``{dim: values}``.
     sampler, steps, guidance, eta : sampler settings (default: the recipe's ``sampling``).
+    timesteps : ``ddpm`` / ``ddim`` on a DDPM model: these schedule timesteps instead of
+        ``steps`` evenly spaced ones (:func:`geodiff.sampling.sigma_grid`); default: the
+        recipe's ``sampling.timesteps`` when neither ``steps`` nor ``timesteps`` is given and
+        the sampler is ``ddpm`` or ``ddim``. Recorded as ``geodiff_timesteps``.
     seed : base seed; member i of cell c uses :func:`member_seed` (seed, c, i).
     batch_size : samples generated together.
     compute_batch : evaluate the network on chunks of exactly this many samples, so member i
@@ -258,6 +265,9 @@ def generate_ensemble(checkpoint: str | Path | LoadedModel, members: int | None 
     sc = model.recipe.sampling
     members = sc.members if members is None else members
     sampler = sc.sampler if sampler is None else sampler
+    if timesteps is None and steps is None and sampler in ("ddpm", "ddim"):
+        timesteps = sc.timesteps
+    given_steps = steps
     steps = sc.steps if steps is None else steps
     guidance = sc.guidance if guidance is None else guidance
     eta = sc.eta if eta is None else eta
@@ -271,6 +281,19 @@ def generate_ensemble(checkpoint: str | Path | LoadedModel, members: int | None 
         raise ValueError(f"{steps=} and {batch_size=} must be >= 1")
     if compute_batch is not None and compute_batch < 1:
         raise ValueError(f"{compute_batch=} must be >= 1 (or None for whole batches)")
+    if timesteps is not None:
+        from geodiff.sampling import sigma_grid
+
+        # validated against the model's schedule (and steps, if given) before any work
+        schedule = getattr(model.denoiser, "schedule", None)
+        if schedule is None:
+            raise ValueError(f"timesteps={list(timesteps)!r}: the model in {model.path} is "
+                             "EDM-parameterised and has noise levels, not timesteps; use "
+                             "steps (and sampling.rho), or train with "
+                             "diffusion.parameterization: ddpm")
+        grid = sigma_grid(sampler, given_steps, schedule=schedule, timesteps=timesteps)
+        timesteps = sorted((int(t) for t in np.asarray(timesteps).ravel()), reverse=True)
+        steps = len(grid) - 1
     cells = condition_cells(model, conditions)
     cell_dicts = _cell_dicts(cells)
     cond_vectors = np.stack([model.cond_spec.vector(c) for c in cell_dicts]) \
@@ -283,6 +306,8 @@ def generate_ensemble(checkpoint: str | Path | LoadedModel, members: int | None 
                         eta=eta)
     if compute_batch is not None:  # part of what makes the bits (and of the resume check)
         attrs["geodiff_compute_batch"] = int(compute_batch)
+    if timesteps is not None:
+        attrs["geodiff_timesteps"] = timesteps
     n_cells = len(cell_dicts)
     per_block = max(1, batch_size // n_cells)
     blocks = [list(range(m0, min(members, m0 + per_block))) for m0 in range(0, members, per_block)]
@@ -291,7 +316,7 @@ def generate_ensemble(checkpoint: str | Path | LoadedModel, members: int | None 
         items = [(c, m) for m in block for c in range(n_cells)]
         parts = [sample_items(model, items[i:i + batch_size], cond_vectors, sampler=sampler,
                               steps=steps, guidance=guidance, eta=eta, seed=seed,
-                              compute_batch=compute_batch)
+                              compute_batch=compute_batch, timesteps=timesteps)
                  for i in range(0, len(items), batch_size)]
         x = np.concatenate(parts).reshape(len(block), n_cells, *parts[0].shape[1:])
         return to_dataset(model, x, block, cells)

@@ -117,3 +117,11 @@ def test_generate_from_missing_checkpoint_is_exit_2(tmp_path):
     out = geodiff("generate", str(tmp_path / "nothing"), "--out", str(tmp_path / "e.nc"))
     assert out.returncode == 2
     assert "train first" in out.stderr
+
+
+def test_generate_timesteps_must_be_comma_separated_integers(tmp_path):
+    out = geodiff("generate", str(tmp_path / "no_run"), "--timesteps", "999,5x0",
+                  "--out", str(tmp_path / "e.nc"))
+    assert out.returncode == 2
+    assert "'999,5x0': expected comma-separated integers" in out.stderr
+    assert not (tmp_path / "e.nc").exists()

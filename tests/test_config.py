@@ -42,6 +42,16 @@ def test_round_trip_through_yaml_is_exact():
         ({"split": {"kind": "year_modulo", "remainder": 12}}, "split.remainder = 12"),
         ({"scaling": {"quantiles": [0.9, 0.1]}}, "scaling.quantiles"),
         ({"bogus": {}}, "unknown key(s) ['bogus']"),
+        ({"sampling": {"sampler": "ddim", "timesteps": []}},
+         "sampling.timesteps = [] is invalid: expected a non-empty list"),
+        ({"sampling": {"sampler": "ddim", "timesteps": [50, 50, 0]}}, "each timestep once"),
+        ({"sampling": {"sampler": "heun", "timesteps": [50, 0]}},
+         "sampling.sampler = 'heun' is invalid: expected ddpm or ddim"),
+        ({"sampling": {"sampler": "ddim", "timesteps": [50, 0]}},
+         "null unless diffusion.parameterization is ddpm"),
+        ({"sampling": {"sampler": "ddim", "timesteps": [100, 0]},
+          "diffusion": {"parameterization": "ddpm", "timesteps": 100}},
+         "timesteps below diffusion.timesteps (100)"),
     ],
 )
 def test_bad_values_name_the_key_and_the_rule(patch, fragment):
@@ -49,6 +59,13 @@ def test_bad_values_name_the_key_and_the_rule(patch, fragment):
     with pytest.raises(ConfigError) as err:
         recipe_from_dict(data)
     assert fragment in str(err.value)
+
+
+def test_sampling_timesteps_on_a_ddpm_recipe():
+    r = recipe_from_dict({**MINIMAL, "diffusion": {"parameterization": "ddpm"},
+                          "sampling": {"sampler": "ddim", "timesteps": [999, 500, 0]}})
+    assert r.sampling.timesteps == (999, 500, 0)
+    assert recipe_from_dict(MINIMAL).sampling.timesteps is None
 
 
 def test_missing_required_key():

@@ -65,6 +65,42 @@ def test_in_memory_ensemble_is_labelled_in_source_conventions(trained):
     assert float(sea.min()) > 200 and float(sea.max()) < 350
 
 
+def test_ddpm_model_samples_explicit_timesteps(tmp_path, trained):
+    recipe = toy_recipe(tmp_path, diffusion={"parameterization": "ddpm", "timesteps": 100},
+                        training={"steps": 4, "checkpoint_every": 4},
+                        sampling={"sampler": "ddim", "steps": 5})
+    run = train(recipe, tmp_path / "run", progress=False).run_dir
+    held = xr.open_dataset(tmp_path / "toy.nc").isel(time=[5])
+    # sigma_grid's evenly spaced subset, given explicitly (ascending): the same members
+    even = torch.linspace(99, 0, 5, dtype=torch.float64).round().long().tolist()
+    a = generate_ensemble(run, 2, held, seed=3, progress=False)
+    b = generate_ensemble(run, 2, held, seed=3, timesteps=even[::-1], progress=False)
+    np.testing.assert_array_equal(a["tas"].values, b["tas"].values)
+    assert "geodiff_timesteps" not in a.attrs
+    assert list(b.attrs["geodiff_timesteps"]) == even and b.attrs["geodiff_steps"] == 5
+    # another subset (here from the recipe, as sampling.timesteps) gives other members,
+    # written to a file with its provenance
+    model = load_model(run)
+    model = dataclasses.replace(model, recipe=model.recipe.override(
+        ["sampling.timesteps=[99, 60, 30, 10, 2]"]))
+    out = generate_ensemble(model, 2, held, seed=3, out=tmp_path / "q.nc", progress=False)
+    with xr.open_dataset(out) as q:
+        assert list(q.attrs["geodiff_timesteps"]) == [99, 60, 30, 10, 2]
+        assert q.attrs["geodiff_steps"] == 5
+        assert np.isfinite(q["tas"].values).any()
+        assert not np.array_equal(q["tas"].values, a["tas"].values, equal_nan=True)
+    # refused before any work, with nothing written
+    bad = tmp_path / "bad.nc"
+    with pytest.raises(ValueError, match=r"timesteps \[100\] are outside the schedule's 0 .. 99"):
+        generate_ensemble(run, 2, held, timesteps=[100, 5], out=bad, progress=False)
+    with pytest.raises(ValueError, match="steps=3 disagrees with the 2 timesteps"):
+        generate_ensemble(run, 2, held, steps=3, timesteps=[50, 0], out=bad, progress=False)
+    with pytest.raises(ValueError, match="EDM-parameterised"):
+        generate_ensemble(trained["run"], 2, held, sampler="ddim", timesteps=[5, 0], out=bad,
+                          progress=False)
+    assert not bad.exists()
+
+
 def test_member_is_identical_whatever_ensemble_and_batch_size(trained):
     """Same batch size: bit-identical whatever the ensemble size.  Another batch size changes
     only the BLAS summation order inside the network: equal to float32 round-off."""
