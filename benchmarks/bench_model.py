@@ -28,7 +28,7 @@ time (each round times every network once, so a slow spell of a shared machine h
 sides of a ratio), with distribution-free 90 % intervals (:func:`paired_speed_ratio`).
 The multiply-adds each network needs per sample (``macs_per_sample``, ratio ``macs_ratio``)
 are counted with ``torch.utils.flop_counter``, convolution taps over zero padding left out
-(:func:`conv_macs_formula`): plain diffusers' convolutions skip them; a global grid's halo
+(:func:`conv_flops_formula`): plain diffusers' convolutions skip them; a global grid's halo
 holds data, so every tap of geodiff's global network is real work (1.03-1.11x plain
 diffusers' multiply-adds at these sizes, as many as diffusers made seam-free). ``*_per_mac``
 ratios scale the speed ratio by the multiply-add ratio: the speed of the arithmetic.
@@ -274,11 +274,11 @@ def paired_speed_ratio(ref: Timing, other: Timing, level: float = 0.90
     return statistics.median(ratios), low, high
 
 
-def conv_macs_formula(x_shape, w_shape, _bias, stride, padding, dilation, transposed, *args,
-                      out_shape=None, **kwargs) -> int:
-    """Multiply-adds of one convolution, counting only the kernel taps that land on input
-    cells (a formula for ``torch.utils.flop_counter.FlopCounterMode``, which counts full
-    windows).
+def conv_flops_formula(x_shape, w_shape, _bias, stride, padding, dilation, transposed, *args,
+                       out_shape=None, **kwargs) -> int:
+    """Floating-point operations (2 per multiply-add) of one convolution, counting only the
+    kernel taps that land on input cells (a formula for
+    ``torch.utils.flop_counter.FlopCounterMode``, whose own counts full windows).
 
     A direct convolution need not multiply by its implicit zero padding: a 3x3 convolution
     of an 8 x 16 grid with ``padding=1`` needs 0.88x the multiply-adds of the same
@@ -294,25 +294,20 @@ def conv_macs_formula(x_shape, w_shape, _bias, stride, padding, dilation, transp
         pos = (torch.arange(out_shape[2 + d])[:, None] * stride[d] - padding[d]
                + torch.arange(k)[None, :] * dilation[d])
         taps *= int(((pos >= 0) & (pos < x_shape[2 + d])).sum())
-    return x_shape[0] * w_shape[0] * w_shape[1] * taps
+    return 2 * x_shape[0] * w_shape[0] * w_shape[1] * taps
 
 
 def effective_macs(name: str, model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> int:
     """Multiply-adds per sample of one network evaluation: every operation that
     ``FlopCounterMode`` counts (matrix products, attention, convolutions), the convolutions
-    without the taps over zero padding (:func:`conv_macs_formula`)."""
+    without the taps over zero padding (:func:`conv_flops_formula`)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    conv = torch.ops.aten.convolution
-    full = FlopCounterMode(display=False)
-    taps = FlopCounterMode(display=False, custom_mapping={conv: conv_macs_formula})
-    for mode in (full, taps):
-        with mode, torch.no_grad():
-            forward(name, model, x, t)
-    full_flops = full.get_flop_counts()["Global"]
-    macs = (full.get_total_flops() - full_flops.get(conv, 0)) / 2 \
-        + taps.get_flop_counts()["Global"].get(conv, 0)
-    return round(macs / x.shape[0])
+    mode = FlopCounterMode(display=False,
+                           custom_mapping={torch.ops.aten.convolution: conv_flops_formula})
+    with mode, torch.no_grad():
+        forward(name, model, x, t)
+    return round(mode.get_total_flops() / 2 / x.shape[0])
 
 
 def _trim_heap() -> None:
