@@ -282,7 +282,7 @@ def generate_ensemble(checkpoint: str | Path | LoadedModel, members: int | None 
     if compute_batch is not None and compute_batch < 1:
         raise ValueError(f"{compute_batch=} must be >= 1 (or None for whole batches)")
     if timesteps is not None:
-        from geodiff.sampling import sigma_grid
+        from geodiff.sampling import checked_timesteps
 
         # validated against the model's schedule (and steps, if given) before any work
         schedule = getattr(model.denoiser, "schedule", None)
@@ -291,9 +291,8 @@ def generate_ensemble(checkpoint: str | Path | LoadedModel, members: int | None 
                              "EDM-parameterised and has noise levels, not timesteps; use "
                              "steps (and sampling.rho), or train with "
                              "diffusion.parameterization: ddpm")
-        grid = sigma_grid(sampler, given_steps, schedule=schedule, timesteps=timesteps)
-        timesteps = sorted((int(t) for t in np.asarray(timesteps).ravel()), reverse=True)
-        steps = len(grid) - 1
+        timesteps = checked_timesteps(sampler, given_steps, schedule, timesteps)
+        steps = len(timesteps)
     cells = condition_cells(model, conditions)
     cell_dicts = _cell_dicts(cells)
     cond_vectors = np.stack([model.cond_spec.vector(c) for c in cell_dicts]) \

@@ -85,7 +85,8 @@ def sigma_grid(sampler: str, steps: int | None, *, sigma_min: float | None = Non
     if sampler not in SAMPLERS:
         raise ValueError(f"{sampler=} is not known; choose one of {SAMPLERS}")
     if timesteps is not None:
-        return _timestep_grid(sampler, steps, schedule, timesteps)
+        order = torch.tensor(checked_timesteps(sampler, steps, schedule, timesteps))
+        return torch.cat([schedule.sigmas[order], torch.zeros(1, dtype=torch.float64)])
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"{steps=} must be an integer >= 1 (or, for ddpm / ddim on a DDPM "
                          "schedule, give timesteps=)")
@@ -105,15 +106,16 @@ def sigma_grid(sampler: str, steps: int | None, *, sigma_min: float | None = Non
     return karras_sigmas(steps, sigma_min, sigma_max, rho)
 
 
-def _timestep_grid(sampler: str, steps: int | None, schedule: Schedule | None,
-                   timesteps: Sequence[int]) -> Tensor:
-    """:func:`sigma_grid` at explicit ``timesteps`` of ``schedule`` (validated here)."""
+def checked_timesteps(sampler: str, steps: int | None, schedule: Schedule | None,
+                      timesteps: Sequence[int]) -> list[int]:
+    """``timesteps`` (a list, tuple, NumPy array or tensor of integers) validated for
+    ``sampler`` on ``schedule`` and sorted from the largest down; ``steps``, if not None,
+    must equal their number. Raises ValueError naming the value and the fix."""
     if schedule is None or sampler not in ("ddpm", "ddim"):
         raise ValueError(f"timesteps= picks levels of a DDPM schedule: it needs schedule= and "
                          f"sampler 'ddpm' or 'ddim' (got {sampler=}, schedule="
                          f"{'given' if schedule is not None else None}); other samplers take "
                          "steps with sigma_min/sigma_max/rho")
-    # a list, tuple, NumPy array or tensor of integers
     ts = timesteps.tolist() if hasattr(timesteps, "tolist") else list(timesteps)
     if not ts or not all(isinstance(t, numbers.Integral) and not isinstance(t, bool)
                          for t in ts):
@@ -130,8 +132,7 @@ def _timestep_grid(sampler: str, steps: int | None, schedule: Schedule | None,
     if steps is not None and steps != len(ts):
         raise ValueError(f"{steps=} disagrees with the {len(ts)} timesteps given; leave steps "
                          "out (None) or make it len(timesteps)")
-    order = torch.tensor(sorted(ts, reverse=True), dtype=torch.long)
-    return torch.cat([schedule.sigmas[order], torch.zeros(1, dtype=torch.float64)])
+    return sorted(ts, reverse=True)
 
 
 def default_rho(sampler: str) -> float:
