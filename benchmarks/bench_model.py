@@ -53,9 +53,14 @@ reads a (H + 2) x (W + 2) copy and its backward returns a gradient of that size 
 NCHW convolution took +19 % at 4x8, +5 % at 8x16, +6 % at 16x32, +2 % at 32x64 over its own
 zero padding), plus the copy itself. Tried and measured: concatenation (10x slower than
 slice copies), autograd through slice assignments (clones the gradient once per
-assignment), a copy-free "zero-padded conv + edge corrections" (its thin convolutions cost
-more than the copy), channels-last memory format (whole net 0.64-0.86x diffusers; only the
-padded convolution input: slower except at 8x16 with >= 256 channels), convolutions as
+assignment), a copy-free "zero-padded conv + edge corrections" (grouped 1-D convolutions
+of the edge rows and columns, added onto the output; its thin convolutions and strided
+adds cost more than the copy up to 32x64: forward + backward of a 16 x 64-256 channel
+convolution 1.13-1.32x the zero-padded one's time against the halo's 1.06-1.10x; it wins
+only from 64x128 on, 1.04x against 1.12x at 16 x 64 channels, where the halo is 4 % of the
+full-size training step, so at most ~3 % to gain), channels-last memory format (whole
+net 0.64-0.86x diffusers; only the padded convolution input: slower except at 8x16 with
+>= 256 channels), convolutions as
 shifted or im2col matrix products on the padded grid (1.4-3x oneDNN), Winograd F(2x2, 3x3)
 as batched matrix products (fewer multiplies, but the transforms and a memory-bound product
 at 64-128 channels: forward 1.4-2.8x oneDNN's time, 0.94x only at 256 channels on 8x16),

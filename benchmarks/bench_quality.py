@@ -79,7 +79,7 @@ from geodiff.config import Recipe, load_recipe  # noqa: E402
 from geodiff.ensemble import ENSEMBLE_SAMPLERS, generate_ensemble  # noqa: E402
 from geodiff.grid import restore  # noqa: E402
 from geodiff.pipeline import LoadedModel, load_model, prepare_data  # noqa: E402
-from geodiff.quickstart import analog_ensemble, fair_crps_ragged  # noqa: E402
+from geodiff.quickstart import analog_ensemble  # noqa: E402
 from geodiff.runtime import resolve_device  # noqa: E402
 
 RESULTS_DIR = ROOT / "benchmarks" / "results"
@@ -215,7 +215,7 @@ class Scorer:
         self.spatial = list(analysis.lat_lon_dims(self.obs))
         self.fields = analysis.sample_dims(self.obs)
         analog = restore(analog_ensemble(train.load(), cells.load(), variable), grid)[variable]
-        self.analog_field = self._per_field(fair_crps_ragged(analog, self.obs))
+        self.analog_field = self._per_field(analysis.crps_fair(analog, self.obs))
         self.analog_members = int(analog.notnull().all(self.spatial).sum("member").min())
 
     def _per_field(self, crps: xr.DataArray) -> np.ndarray:

@@ -73,7 +73,7 @@ class GeodiffAccessor:
         """Spread-skill ratio with the ``sqrt((M+1)/M)`` correction."""
         return analysis.spread_skill_ratio(self._obj, obs, dim)
 
-    def rank_histogram(self, obs: xr.DataArray, rng: np.random.Generator) -> xr.DataArray:
+    def rank_histogram(self, obs: Any, rng: np.random.Generator) -> Any:
         """Rank histogram counts ``(rank,)`` with ties broken by ``rng``."""
         return analysis.rank_histogram(self._obj, obs, rng)
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -98,14 +98,34 @@ def weighted_mean(x: XrObj, dim: str | Sequence[str] | None = None) -> XrObj:
 
     The latitude/longitude dims in ``dim`` are averaged first with the area weights (so a
     masked point contributes nothing), then the remaining dims plainly (mean over fields).
+    Of a Dataset, the variables on the grid are averaged (auxiliaries without the grid's
+    dimensions, such as ``time_bnds``, are left out).
     """
     dims = [str(d) for d in x.dims] if dim is None else [dim] if isinstance(dim, str) else [
         str(d) for d in dim]
     spatial = [d for d in lat_lon_dims(x) if d in dims]
+    if spatial and isinstance(x, xr.Dataset):
+        # gridded variables only: CF auxiliaries (time_bnds, grid mappings) have no grid
+        x = x[[v for v in x.data_vars if set(spatial) <= set(map(str, x[v].dims))]]
+        if dim is None:
+            dims = [str(d) for d in x.dims]
     if spatial:
         x = x.weighted(lat_weights(x)).mean(spatial)
     rest = [d for d in dims if d not in spatial]
     return x.mean(rest) if rest else x
+
+
+def ensemble_variables(ens: XrObj) -> XrObj:
+    """A Dataset's variables that have a ``member`` dimension; a DataArray as it is.
+
+    CF files carry auxiliary variables (``time_bnds``, grid mappings, ``year``) that are not
+    ensembles; the functions of this module score and summarise the ensemble variables only.
+    """
+    if isinstance(ens, xr.Dataset):
+        keep = [v for v in ens.data_vars if MEMBER in ens[v].dims]
+        if keep:
+            return ens[keep]
+    return ens
 
 
 def require_member(obj: xr.DataArray | xr.Dataset, name: str) -> int:
@@ -138,6 +158,14 @@ def check_matching(ens: xr.DataArray | xr.Dataset, obs: XrObj, *, ens_name: str 
     xarray's alignment from silently dropping points that differ only by rounding.
     """
     require_member(ens, ens_name)
+    if isinstance(ens, xr.Dataset) and isinstance(obs, xr.Dataset):
+        ens = ensemble_variables(ens)
+        missing = [str(v) for v in ens.data_vars if v not in obs.data_vars]
+        if missing:
+            raise ValueError(f"{obs_name} lacks the variables {missing} of {ens_name} (has "
+                             f"{list(map(str, obs.data_vars))}); rename them or select "
+                             f"matching variables")
+        obs = obs[list(ens.data_vars)]
     if MEMBER in obs.dims:
         raise ValueError(f"{obs_name} has a {MEMBER!r} dimension; observations are one field "
                          f"per sample: select or squeeze it, e.g. {obs_name}.isel({MEMBER}=0)")
@@ -161,6 +189,53 @@ def check_matching(ens: xr.DataArray | xr.Dataset, obs: XrObj, *, ens_name: str 
     return obs.assign_coords({d: ens[d] for d in sorted(obs_dims) if d in ens.indexes})
 
 
+def _same(units: str | None) -> str | None:
+    return units
+
+
+def _squared(units: str | None) -> str | None:
+    if units is None or units == "1":
+        return units
+    return f"({units})^2" if " " in units.strip() else f"{units}^2"
+
+
+def _describe(out: XrObj, src: xr.DataArray | xr.Dataset, long_name: str,
+              units: str | Callable[[str | None], str | None] | None,
+              keep: bool = False, **extra: str) -> XrObj:
+    """``out`` labelled as what it is: CF ``long_name`` and ``units`` (a fixed string or a
+    function of the input's units), plus ``extra`` attributes such as ``cell_methods``.
+
+    xarray may carry the input's attributes over (``keep_attrs``, the default in recent
+    releases): ``units: K`` and ``standard_name: air_temperature`` on a probability, a count
+    or a power spectrum are wrong, so they are replaced, not inherited. ``keep=True`` keeps
+    the input's attributes (a mean or a spread is still air temperature in K) and only adds
+    ``extra``. Applied per variable for Datasets.
+    """
+    def attrs(source: xr.DataArray | None) -> dict[str, Any]:
+        old = dict(source.attrs) if source is not None else {}
+        if keep:
+            if "cell_methods" in extra and old.get("cell_methods"):
+                extra_now = {**extra, "cell_methods": f"{old['cell_methods']} "
+                                                      f"{extra['cell_methods']}"}
+            else:
+                extra_now = extra
+            return {**old, **extra_now}
+        new: dict[str, Any] = {"long_name": long_name, **extra}
+        u = units(old.get("units")) if callable(units) else units
+        if u is not None:
+            new["units"] = u
+        return new
+
+    out = out.copy(deep=False)
+    if isinstance(out, xr.Dataset):
+        for v in out.data_vars:
+            has = isinstance(src, xr.Dataset) and v in src.data_vars
+            out[v].attrs = attrs(src[v] if has else None)
+    else:
+        out.attrs = attrs(src if isinstance(src, xr.DataArray) else None)
+    return out
+
+
 def _is_dask(x: xr.DataArray | xr.Dataset) -> bool:
     return bool(x.chunks)
 
@@ -175,19 +250,23 @@ def _one_member_chunk(x: XrObj) -> XrObj:
 
 def ensemble_mean(ens: XrObj) -> XrObj:
     """Ensemble mean over ``member``: ``(member, ...) -> (...)``."""
+    ens = ensemble_variables(ens)
     require_member(ens, "ens")
-    return ens.mean(MEMBER)
+    return _describe(ens.mean(MEMBER), ens, "", None, keep=True, cell_methods="member: mean")
 
 
 def ensemble_spread(ens: XrObj) -> XrObj:
     """Ensemble standard deviation over ``member`` (ddof = 1): ``(member, ...) -> (...)``."""
+    ens = ensemble_variables(ens)
     if require_member(ens, "ens") < 2:
         raise ValueError("ensemble_spread needs at least 2 members (ddof=1); got 1")
-    return ens.std(MEMBER, ddof=1)
+    return _describe(ens.std(MEMBER, ddof=1), ens, "", None, keep=True,
+                     cell_methods="member: standard_deviation")
 
 
 def ensemble_quantiles(ens: XrObj, q: float | Sequence[float]) -> XrObj:
     """Empirical quantiles over members (linear interpolation): ``-> (quantile, ...)``."""
+    ens = ensemble_variables(ens)
     require_member(ens, "ens")
     qs = np.atleast_1d(np.asarray(q, dtype=float))
     if np.any((qs < 0) | (qs > 1)):
@@ -198,9 +277,11 @@ def ensemble_quantiles(ens: XrObj, q: float | Sequence[float]) -> XrObj:
 def exceedance_count(ens: XrObj, threshold: float | xr.DataArray, *,
                      below: bool = False) -> XrObj:
     """Number of members above ``threshold`` (below it with ``below=True``): ``-> (...)``."""
+    ens = ensemble_variables(ens)
     require_member(ens, "ens")
     hit = ens < threshold if below else ens > threshold
-    return hit.sum(MEMBER)
+    side = "below" if below else "above"
+    return _describe(hit.sum(MEMBER), ens, f"number of members {side} the threshold", "1")
 
 
 def exceedance_probability(ens: XrObj, threshold: float | xr.DataArray, *,
@@ -210,9 +291,12 @@ def exceedance_probability(ens: XrObj, threshold: float | xr.DataArray, *,
     ``threshold`` is a number or a DataArray broadcasting against the fields (e.g. a
     climatological quantile map).  NaN members are left out; all-NaN points give NaN.
     """
+    ens = ensemble_variables(ens)
     require_member(ens, "ens")
     hit = ens < threshold if below else ens > threshold
-    return hit.where(ens.notnull()).mean(MEMBER)
+    side = "below" if below else "above"
+    return _describe(hit.where(ens.notnull()).mean(MEMBER), ens,
+                     f"probability of being {side} the threshold", "1")
 
 
 def empirical_return_period(ens: XrObj, threshold: float | xr.DataArray, *,
@@ -223,7 +307,7 @@ def empirical_return_period(ens: XrObj, threshold: float | xr.DataArray, *,
     where no member exceeds give ``inf`` (longer than the ensemble can resolve).
     """
     p = exceedance_probability(ens, threshold, below=below)
-    return 1.0 / p
+    return _describe(1.0 / p, ens, "empirical return period in fields", "1")
 
 
 # ---------------------------------------------------------------------------------------
@@ -237,25 +321,37 @@ def _crps_kernel(x: np.ndarray, y: np.ndarray, fair: bool) -> np.ndarray:
     ``sum_{i,j} |x_i - x_j| = 2 sum_i (2 i - M - 1) x_(i)``, so
     ``CRPS = mean_i |x_i - y| - sum_i (2 i - M - 1) x_(i) / D`` with ``D = M (M - 1)`` (fair,
     Ferro 2014) or ``D = M^2`` (ordinary, Gneiting & Raftery 2007, energy form).
+
+    Members that are NaN at a point are left out there: ``M`` is the number of finite
+    members of that point (a ragged ensemble, e.g. the analog baseline padded with NaN
+    members). Points with fewer than 2 (fair) or 1 (ordinary) finite members, or a NaN
+    observation, give NaN.
     """
-    m = x.shape[-1]
     d = x.astype(np.float64) - y.astype(np.float64)[..., None]  # (..., M), shift-invariant
-    abs_err = np.abs(d).mean(axis=-1)  # (...)
-    coef = 2.0 * np.arange(1, m + 1) - m - 1  # (M,)
-    pair_half = (np.sort(d, axis=-1) * coef).sum(axis=-1)  # (...) = sum_{i,j}|..| / 2
-    return abs_err - pair_half / (m * (m - 1) if fair else m * m)
+    finite = np.isfinite(d)
+    m = finite.sum(axis=-1)  # (...) finite members per point
+    with np.errstate(invalid="ignore", divide="ignore"):
+        abs_err = np.where(finite, np.abs(d), 0.0).sum(axis=-1) / m  # (...)
+        ranks = np.arange(1, d.shape[-1] + 1)  # (M,)
+        coef = np.where(ranks <= m[..., None], 2.0 * ranks - m[..., None] - 1, 0.0)
+        d_sorted = np.sort(np.where(finite, d, np.inf), axis=-1)  # missing members last
+        pair_half = (np.where(np.isfinite(d_sorted), d_sorted, 0.0) * coef).sum(axis=-1)
+        crps = abs_err - pair_half / (m * (m - 1) if fair else m * m)
+    return np.where(m >= (2 if fair else 1), crps, np.nan)
 
 
 def _crps(ens: XrObj, obs: XrObj, fair: bool) -> XrObj:
+    ens = ensemble_variables(ens)
     m = require_member(ens, "ens")
     if fair and m < 2:
         raise ValueError(f"fair CRPS needs at least 2 members, got {m}; use crps_ensemble "
                          f"(ordinary CRPS, equal to the absolute error for one member)")
     obs = check_matching(ens, obs)
-    return xr.apply_ufunc(
+    crps = xr.apply_ufunc(
         _crps_kernel, ens, obs, kwargs={"fair": fair},
         input_core_dims=[[MEMBER], []], dask="parallelized", output_dtypes=[np.float64],
         dask_gufunc_kwargs={"allow_rechunk": True})
+    return _describe(crps, ens, "fair CRPS" if fair else "CRPS", _same)
 
 
 def crps_fair(ens: XrObj, obs: XrObj) -> XrObj:
@@ -263,7 +359,8 @@ def crps_fair(ens: XrObj, obs: XrObj) -> XrObj:
 
     ``mean_i |X_i - y| - sum_{i,j} |X_i - X_j| / (2 M (M - 1))``; ``ens (member, ...)``,
     ``obs (...)`` -> ``(...)``.  Unbiased for the CRPS of the distribution the members are
-    drawn from, whatever M.
+    drawn from, whatever M.  Members missing (NaN) at a point are left out there, ``M``
+    counting the finite ones, so ragged ensembles padded with NaN members score correctly.
     """
     return _crps(ens, obs, fair=True)
 
@@ -284,7 +381,8 @@ def crps_skill(ens: XrObj, obs: XrObj, reference: XrObj, *,
     ``reference`` is another ensemble (any member count) on the same grid and fields.
     """
     score = crps_fair if fair else crps_ensemble
-    return 1.0 - weighted_mean(score(ens, obs), dim) / weighted_mean(score(reference, obs), dim)
+    skill = 1.0 - weighted_mean(score(ens, obs), dim) / weighted_mean(score(reference, obs), dim)
+    return _describe(skill, ens, "CRPS skill score", "1")
 
 
 # ---------------------------------------------------------------------------------------
@@ -293,12 +391,16 @@ def crps_skill(ens: XrObj, obs: XrObj, reference: XrObj, *,
 
 def weighted_bias(ens: XrObj, obs: XrObj, dim: str | Sequence[str] | None = None) -> XrObj:
     """Weighted mean of (ensemble mean - obs) over ``dim`` (default all): the mean error."""
-    return weighted_mean(ens.mean(MEMBER) - check_matching(ens, obs), dim)
+    ens = ensemble_variables(ens)
+    return _describe(weighted_mean(ens.mean(MEMBER) - check_matching(ens, obs), dim), ens,
+                     "bias of the ensemble mean", _same)
 
 
 def weighted_rmse(ens: XrObj, obs: XrObj, dim: str | Sequence[str] | None = None) -> XrObj:
     """Root of the weighted mean over ``dim`` of (ensemble mean - obs)^2."""
-    return np.sqrt(weighted_mean((ens.mean(MEMBER) - check_matching(ens, obs)) ** 2, dim))
+    ens = ensemble_variables(ens)
+    rmse = np.sqrt(weighted_mean((ens.mean(MEMBER) - check_matching(ens, obs)) ** 2, dim))
+    return _describe(rmse, ens, "root mean square error of the ensemble mean", _same)
 
 
 def spread_skill_ratio(ens: XrObj, obs: XrObj,
@@ -307,13 +409,20 @@ def spread_skill_ratio(ens: XrObj, obs: XrObj,
 
     ``<.>`` is the weighted mean over grid and fields (``dim``, default all); the factor
     ``sqrt((M + 1) / M)`` makes 1 the ideal value for a finite exchangeable ensemble
-    (Fortin et al. 2014, J. Hydrometeor. 15, 1708-1713).
+    (Fortin et al. 2014, J. Hydrometeor. 15, 1708-1713).  Spread and error are averaged
+    over the same points: those with an observation and at least 2 finite members (gaps in
+    the observations, e.g. clouds, leave both out).  Members missing at a point are left
+    out there, with ``M`` the number of finite members of that point.
     """
+    ens = ensemble_variables(ens)
     obs = check_matching(ens, obs)
-    m = int(ens.sizes[MEMBER])
-    spread = np.sqrt(weighted_mean(ens.var(MEMBER, ddof=1), dim))
-    skill = np.sqrt(weighted_mean((ens.mean(MEMBER) - obs) ** 2, dim))
-    return np.sqrt((m + 1) / m) * spread / skill
+    n = ens.count(MEMBER)  # (...) finite members per point
+    var = ens.var(MEMBER, ddof=1) * (n + 1) / n  # NaN where fewer than 2 members
+    sq_err = (ens.mean(MEMBER) - obs) ** 2
+    valid = var.notnull() & sq_err.notnull()
+    spread2 = weighted_mean(var.where(valid), dim)
+    skill2 = weighted_mean(sq_err.where(valid), dim)
+    return _describe(np.sqrt(spread2 / skill2), ens, "spread-skill ratio", "1")
 
 
 def spread_skill_bins(ens: xr.DataArray, obs: xr.DataArray, bins: int = 10) -> xr.Dataset:
@@ -345,18 +454,24 @@ def spread_skill_bins(ens: xr.DataArray, obs: xr.DataArray, bins: int = 10) -> x
 # rank histogram, energy score, spectra
 
 
-def rank_histogram(ens: xr.DataArray, obs: xr.DataArray, rng: np.random.Generator, *,
-                   dim: str | Sequence[str] | None = None) -> xr.DataArray:
+def rank_histogram(ens: XrObj, obs: XrObj, rng: np.random.Generator, *,
+                   dim: str | Sequence[str] | None = None) -> XrObj:
     """Rank histogram (Talagrand diagram; Hamill 2001): counts of the rank of y among members.
 
     The rank is ``#{X_i < y} + U``, with ``U`` uniform on ``0..#{X_i == y}`` drawn from
     ``rng`` (ties broken at random; for dask-backed ``obs`` a dask Generator seeded from
     ``rng`` draws them chunk by chunk).  Counts over ``dim`` (default all obs dims) -> ``(rank,
-    ...)`` with ``M + 1`` bins; NaN points are not counted.
+    ...)`` with ``M + 1`` bins; NaN points are not counted.  A Dataset gives a Dataset
+    with one histogram per ensemble variable.
     """
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}; "
                         f"pass np.random.default_rng(seed)")
+    if isinstance(ens, xr.Dataset):  # one histogram per ensemble variable
+        ens = ensemble_variables(ens)
+        obs = check_matching(ens, obs)
+        return xr.Dataset({v: rank_histogram(ens[v], obs[v], rng, dim=dim)
+                           for v in ens.data_vars})
     obs = check_matching(ens, obs)
     m = int(ens.sizes[MEMBER])
     n_less = (ens < obs).sum(MEMBER)
@@ -371,7 +486,7 @@ def rank_histogram(ens: xr.DataArray, obs: xr.DataArray, rng: np.random.Generato
     ranks = ranks.where(obs.notnull() & ens.notnull().all(MEMBER))
     dims = list(obs.dims) if dim is None else [dim] if isinstance(dim, str) else list(dim)
     bins = xr.DataArray(np.arange(m + 1), dims=[RANK], coords={RANK: np.arange(m + 1)})
-    return (ranks == bins).sum(dims)
+    return _describe((ranks == bins).sum(dims), ens, "rank histogram count", "1")
 
 
 def rank_histogram_flatness(counts: xr.DataArray) -> tuple[float, float]:
@@ -409,41 +524,68 @@ def energy_score(ens: xr.DataArray, obs: xr.DataArray, *, fair: bool = True) -> 
     sq_norm = (a * a * w).sum(spatial)  # (member, ...)
     dist2 = sq_norm + sq_norm.rename({MEMBER: "member_j"}) - 2.0 * gram
     pair_sum = np.sqrt(dist2.clip(min=0.0)).sum([MEMBER, "member_j"])
-    return np.sqrt(sq_norm).mean(MEMBER) - pair_sum / (2 * m * (m - 1) if fair else 2 * m * m)
+    es = np.sqrt(sq_norm).mean(MEMBER) - pair_sum / (2 * m * (m - 1) if fair else 2 * m * m)
+    return _describe(es, ens, "fair energy score" if fair else "energy score", _same)
+
+
+def _row_power(a: np.ndarray) -> np.ndarray:
+    """``|rfft|^2`` of each row of ``a (..., L)``; NaN points filled with the mean of the
+    row's valid points (so they add no variance), all-NaN rows NaN."""
+    valid = np.isfinite(a)
+    n = valid.sum(axis=-1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        row_mean = np.where(valid, a, 0.0).sum(axis=-1, keepdims=True) / n
+    power = np.abs(np.fft.rfft(np.where(valid, a, row_mean), axis=-1)) ** 2
+    return np.where(n > 0, power, np.nan)
 
 
 def zonal_power_spectrum(x: XrObj, *, keep: Sequence[str] = ()) -> XrObj:
     """Zonal power spectrum ``|rfft(x)|^2`` along longitude of each raw field.
 
     No detrending and no window.  Averaged over latitudes and over every other dimension
-    (fields, members) except ``keep``; latitude rows containing NaN are skipped.  Returns
-    ``(wavenumber, *keep)`` where wavenumber ``k = 0 .. n_lon // 2`` counts cycles per
-    longitude extent of the grid (per circle of latitude for a global grid).
+    (fields, members) except ``keep``.  NaN points (land, gaps) are filled with the mean of
+    the valid points of their latitude row before the transform, so they add no variance;
+    rows with no valid point are skipped.  Spectra compared with each other need the same
+    mask (:func:`spectra_relative_error` and :func:`evaluate` apply the union of both
+    masks).  Returns ``(wavenumber, *keep)`` where wavenumber ``k = 0 .. n_lon // 2``
+    counts cycles per longitude extent of the grid (per circle of latitude for a global
+    grid), in the input's units squared.
     """
     _, lon = lat_lon_dims(x)
     n_k = x.sizes[lon] // 2 + 1
     power = xr.apply_ufunc(
-        lambda a: np.abs(np.fft.rfft(a, axis=-1)) ** 2, x,
+        _row_power, x,
         input_core_dims=[[lon]], output_core_dims=[[WAVENUMBER]], dask="parallelized",
         output_dtypes=[np.float64],
         dask_gufunc_kwargs={"output_sizes": {WAVENUMBER: n_k}, "allow_rechunk": True})
     power = power.assign_coords({WAVENUMBER: np.arange(n_k)})
-    return power.mean([d for d in power.dims if d != WAVENUMBER and d not in keep])
+    power = power.mean([d for d in power.dims if d != WAVENUMBER and d not in keep])
+    return _describe(power, x, "zonal power spectrum", _squared)
+
+
+def _common_mask(ens: XrObj, obs: XrObj) -> tuple[XrObj, XrObj]:
+    """``ens`` and ``obs`` NaN wherever either is (obs missing or any member missing)."""
+    valid = obs.notnull() & ens.notnull().all(MEMBER)
+    return ens.where(valid), obs.where(valid)
 
 
 def spectra_relative_error(ens: XrObj, obs: XrObj, *, max_wavenumber: int = 24,
                            keep: Sequence[str] = ()) -> XrObj:
     """``max_k |P_members(k) / P_truth(k) - 1|`` over ``k = 1 .. min(max_wavenumber, nyquist)``.
 
-    ``P`` is :func:`zonal_power_spectrum` of all members and of the observations.
+    ``P`` is :func:`zonal_power_spectrum` of all members and of the observations, both on
+    the points valid in the observations and in every member.
     """
+    ens = ensemble_variables(ens)
     obs = check_matching(ens, obs)
     _, lon = lat_lon_dims(obs)
     k_max = min(max_wavenumber, obs.sizes[lon] // 2)
     if k_max < 1:
         raise ValueError(f"{k_max=}: the grid needs at least 2 longitudes for a spectrum")
-    return _max_rel_error(zonal_power_spectrum(ens, keep=keep),
-                          zonal_power_spectrum(obs, keep=keep), k_max)
+    ens, obs = _common_mask(ens, obs)
+    err = _max_rel_error(zonal_power_spectrum(ens, keep=keep),
+                         zonal_power_spectrum(obs, keep=keep), k_max)
+    return _describe(err, ens, "largest relative error of the zonal power spectrum", "1")
 
 
 def _max_rel_error(p_ens: XrObj, p_obs: XrObj, k_max: int) -> XrObj:
@@ -483,6 +625,7 @@ def _scores(ens: xr.DataArray, obs: xr.DataArray, reference: xr.DataArray | None
     fields = sample_dims(obs)
     spatial = list(lat_lon_dims(obs))
     m = int(ens.sizes[MEMBER])
+    ens_masked, obs_masked = _common_mask(ens, check_matching(ens, obs))
     lazy: dict[str, Any] = {
         "crps": weighted_mean(crps_ensemble(ens, obs)),
         "crps_fair_field": weighted_mean(crps_fair(ens, obs), spatial),
@@ -491,14 +634,15 @@ def _scores(ens: xr.DataArray, obs: xr.DataArray, reference: xr.DataArray | None
         "rmse": weighted_rmse(ens, obs),
         "energy_score": energy_score(ens, obs).mean(),
         "rank_counts": rank_histogram(ens, obs, rank_rng),
-        "spectrum_members": zonal_power_spectrum(ens),
-        "spectrum_truth": zonal_power_spectrum(obs),
+        "spectrum_members": zonal_power_spectrum(ens_masked),
+        "spectrum_truth": zonal_power_spectrum(obs_masked),
     }
     if reference is not None:
         lazy["crps_fair_reference_field"] = weighted_mean(crps_fair(reference, obs), spatial)
     done = dict(zip(lazy, dask.compute(*lazy.values())))
 
-    per_field = done["crps_fair_field"].values.ravel()  # (F,)
+    # per-field scores in one field order (the obs'), whatever the order of each input
+    per_field = done["crps_fair_field"].transpose(*fields).values.ravel()  # (F,)
     out: dict[str, Any] = {
         "n_members": m,
         "n_fields": int(np.prod([obs.sizes[d] for d in fields])),
@@ -519,9 +663,16 @@ def _scores(ens: xr.DataArray, obs: xr.DataArray, reference: xr.DataArray | None
     out["spectra_max_rel_error"] = (float(_max_rel_error(p_m, p_t, k_max)) if k_max >= 1
                                     else float("nan"))
     if reference is not None:
-        ref_field = done["crps_fair_reference_field"].values.ravel()  # (F,)
-        out["crps_fair_reference"] = float(np.nanmean(ref_field))
-        out["crps_ratio_vs_reference"] = out["crps_fair"] / out["crps_fair_reference"]
+        ref_field = done["crps_fair_reference_field"].transpose(*fields).values.ravel()
+        # the ratio compares like with like: fields scored by both (a reference with no
+        # member at all for a field leaves that field out of the ratio, not of crps_fair)
+        both = np.isfinite(per_field) & np.isfinite(ref_field)
+        out["n_fields_reference"] = int(both.sum())
+        out["crps_fair_reference"] = (float(ref_field[both].mean()) if both.any()
+                                      else float("nan"))
+        out["crps_ratio_vs_reference"] = (float(per_field[both].mean())
+                                          / out["crps_fair_reference"] if both.any()
+                                          else float("nan"))
         out["crps_skill"] = 1.0 - out["crps_ratio_vs_reference"]
         lo, hi = _bootstrap_ratio(per_field, ref_field, boot_rng)
         out.update(crps_ratio_ci_low=lo, crps_ratio_ci_high=hi)
@@ -535,7 +686,7 @@ SUMMARY_KEYS = ("crps", "crps_fair", "spread_skill", "bias", "abs_bias", "rmse",
                 "rank_histogram_max_rel_dev", "rank_histogram_tolerance", "rank_histogram_flat",
                 "spectra_max_rel_error")
 REFERENCE_KEYS = ("crps_fair_reference", "crps_ratio_vs_reference", "crps_skill",
-                  "crps_ratio_ci_low", "crps_ratio_ci_high")
+                  "crps_ratio_ci_low", "crps_ratio_ci_high", "n_fields_reference")
 
 
 def evaluate(ens: xr.Dataset | xr.DataArray, obs: xr.Dataset | xr.DataArray, *,

@@ -105,6 +105,32 @@ def _one_field(da: xr.DataArray, sel: Mapping[str, Any] | None) -> xr.DataArray:
     return da.isel({d: 0 for d in da.dims if d not in (MEMBER, lat, lon)})
 
 
+def _matching_field(obs: xr.DataArray, ens: xr.DataArray, field: xr.DataArray
+                    ) -> xr.DataArray:
+    """The field of ``obs`` at the sample-dim labels of ``field`` (one field of ``ens``).
+
+    Matched by label where both carry a coordinate (the observations may cover more fields,
+    or order them differently), else by the field's position in ``ens``.
+    """
+    pick: dict[str, Any] = {}
+    for d in analysis.sample_dims(ens):
+        if d not in obs.dims:
+            raise ValueError(f"obs {obs.name!r} has no dim {d!r} (dims={list(obs.dims)}); "
+                             f"give observations with the ensemble's sample dims")
+        if d in obs.indexes and d in field.coords:
+            label = field[d].values[()]
+            try:
+                pick[d] = obs.indexes[d].get_loc(label)
+            except KeyError:
+                raise ValueError(f"obs {obs.name!r} has no field {d}={label} (has "
+                                 f"{np.asarray(obs.indexes[d])[:6].tolist()}...); give "
+                                 f"observations covering the ensemble's fields") from None
+        else:
+            pick[d] = (int(ens.indexes[d].get_loc(field[d].values[()]))
+                       if d in ens.indexes and d in field.coords else 0)
+    return obs.isel(pick)
+
+
 def _label(da: xr.DataArray) -> str:
     """Colorbar label ``long name [units]`` from the attributes."""
     name = da.attrs.get("long_name") or da.attrs.get("standard_name") or da.name or "value"
@@ -153,6 +179,27 @@ def _is_periodic(lon: np.ndarray) -> bool:
     return abs(lon.size * step - 360.0) < 0.5 * step
 
 
+def _contiguous_lon(lon: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(x, order)``: the longitudes ``lon[order]`` as one increasing, gap-free window.
+
+    A regional grid may cross the date line or Greenwich in its own convention (stored as
+    ``170 .. 180, -175 .. -170``, or ``350, 355, 0, 5``, or unsorted): taken as they are its
+    columns would be drawn 340 deg apart across the whole globe. The window starts after
+    the largest gap between neighbouring longitudes on the circle, so ``x`` runs e.g.
+    ``170 .. 190``, and stays within ``[-180, 540)``.
+    """
+    x = np.mod(lon, 360.0)
+    order = np.argsort(x, kind="stable")
+    xs = x[order]
+    gaps = np.diff(np.append(xs, xs[0] + 360.0))  # gap after each longitude, around the circle
+    start = (int(np.argmax(gaps)) + 1) % xs.size
+    order, xs = np.roll(order, -start), np.roll(xs, -start)
+    xs = np.where(np.arange(xs.size) >= xs.size - start, xs + 360.0, xs)
+    if xs[0] >= 180.0:
+        xs = xs - 360.0
+    return xs, order
+
+
 def _map_axes(fig: Any, rows: int, cols: int, i: int, lat: np.ndarray, lon: np.ndarray,
               periodic: bool) -> Any:
     """A GeoAxes on the data: Robinson for a global grid, else PlateCarree on its extent.
@@ -190,14 +237,16 @@ def _mesh_xy(field: xr.DataArray, periodic: bool
     A global grid gets the cyclic column ``x[n] = x[0] + 360`` (as ``add_cyclic_point`` does,
     without its exact-spacing check, which float32 coordinates such as OSTIA's fail) and
     Gouraud shading between the points, so the field closes around the globe without a
-    seam; a regional grid is drawn cell by cell (``nearest``).
+    seam; a regional grid is drawn cell by cell (``nearest``) on its longitudes made one
+    gap-free window (:func:`_contiguous_lon`).
     """
     lat, lon = analysis.lat_lon_dims(field)
     data = np.asarray(field.transpose(lat, lon).values, dtype=np.float64)  # (lat, lon)
     x = np.asarray(field[lon].values, dtype=np.float64)
     y = np.asarray(field[lat].values, dtype=np.float64)
     if not periodic:
-        return x, y, data, "nearest"
+        x, order = _contiguous_lon(x)  # a region across the date line stays one block
+        return x, y, data[:, order], "nearest"
     data = np.concatenate([data, data[:, :1]], axis=1)  # (lat, lon + 1)
     x = np.append(x, x[0] + 360.0)
     x[-1] -= 1e-6  # PROJ maps +180 deg from the centre to -180: stay just inside the edge
@@ -248,6 +297,8 @@ def map_figure(fields: Sequence[xr.DataArray], *, titles: Sequence[str] | None =
     lat = np.asarray(fields[0][lat_name].values, dtype=np.float64)
     lon = np.asarray(fields[0][lon_name].values, dtype=np.float64)
     periodic = _is_periodic(lon)
+    if not periodic:
+        lon = _contiguous_lon(lon)[0]
     lo = float(min(np.nanmin(f.values) for f in fields))
     hi = float(max(np.nanmax(f.values) for f in fields))
     kw = _style(style, fields[0], lo, hi)
@@ -314,7 +365,7 @@ def ensemble_figure(ens: xr.Dataset | xr.DataArray, kind: str, *,
     if kind == "spread" and m < 2:
         raise ValueError("kind='spread' needs at least 2 members")
     field = _one_field(da, sel)
-    truth = None if obs is None else _one_field(_variable(obs, da.name, "obs"), sel)
+    truth = None if obs is None else _matching_field(_variable(obs, da.name, "obs"), da, field)
     suptitle = f"{da.name or ''} {_where(field, analysis.sample_dims(da))}"
 
     if kind == "members":

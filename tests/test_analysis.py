@@ -368,3 +368,143 @@ def test_float32_copy_of_the_grid_matches_without_dropping_points():
         np.testing.assert_allclose(func(ens, shifted).values, func(ens, obs).values)
     assert float(an.weighted_rmse(ens, shifted)) == float(an.weighted_rmse(ens, obs))
     assert an.evaluate(ens, shifted)["summary"] == an.evaluate(ens, obs)["summary"]
+
+
+# --------------------------------------------------------------------------------------
+# ragged ensembles, observation gaps, masked spectra, result attributes, CF auxiliaries
+
+
+def test_crps_skips_nan_members_pointwise():
+    ens = xr.DataArray([[1.0, 1.0], [3.0, 2.0], [np.nan, 6.0]], dims=("member", "x"))
+    obs = xr.DataArray([2.0, 0.0], dims=("x",))
+    # point 0: members {1, 3}, y = 2: mean|X-y| = 1, pairs |1-3| * 2 / (2*2*1) = 1 -> 0
+    # point 1: members {1, 2, 6}, y = 0: 3 - (1+5+4)*2 / (2*3*2) = 3 - 20/12
+    np.testing.assert_allclose(an.crps_fair(ens, obs).values, [0.0, 3.0 - 20.0 / 12.0])
+    # ordinary: point 0: 1 - 4 / (2*4) = 0.5; point 1: 3 - 20 / 18
+    np.testing.assert_allclose(an.crps_ensemble(ens, obs).values, [0.5, 3.0 - 20.0 / 18.0])
+    one = xr.DataArray([[1.0], [np.nan]], dims=("member", "x"))
+    assert np.isnan(an.crps_fair(one, obs.isel(x=[0])).values).all()  # 1 member: no fair CRPS
+    assert an.crps_ensemble(one, obs.isel(x=[0])).values.tolist() == [1.0]
+
+
+def test_ragged_crps_equals_the_crps_of_each_points_finite_members():
+    rng = np.random.default_rng(21)
+    ens, obs = random_case(rng, m=9)
+    ragged = ens.where(rng.random(ens.shape) > 0.3)  # ~30 % of members missing per point
+    got = an.crps_fair(ragged, obs)
+    want = np.full(obs.shape, np.nan)
+    for idx in np.ndindex(*obs.shape):
+        x = ragged.values[(slice(None), *idx)]
+        x = x[np.isfinite(x)]
+        if x.size >= 2:
+            want[idx] = scoringrules.crps_ensemble(obs.values[idx], x, estimator="fair")
+    np.testing.assert_allclose(got.values, want, rtol=1e-10)
+    lazy = an.crps_fair(ragged.chunk({"time": 1}), obs.chunk({"time": 1}))
+    np.testing.assert_allclose(lazy.compute().values, want, rtol=1e-10)
+
+
+def test_evaluate_pairs_reference_fields_by_label_not_position():
+    rng = np.random.default_rng(22)
+    ens = xr.DataArray(rng.normal(size=(6, 2, 5, 3, 4)) * rng.uniform(0.2, 3, (1, 2, 5, 1, 1)),
+                       dims=("member", "scenario", "time", "lat", "lon"),
+                       coords={"scenario": ["A1B", "E1"], "time": np.arange(5),
+                               "lat": [0.0, 1.0, 2.0], "lon": [0.0, 1.0, 2.0, 3.0]}, name="tas")
+    obs = ens.isel(member=0) + rng.normal(size=ens.shape[1:])
+    ref = ens.transpose("member", "time", "scenario", "lat", "lon")  # same values, other order
+    s = an.evaluate(ens, obs, reference=ref)["summary"]
+    # every bootstrap resample pairs a field with itself: the interval collapses onto 1
+    assert s["crps_ratio_vs_reference"] == pytest.approx(1.0, abs=1e-12)
+    assert s["crps_ratio_ci_low"] == pytest.approx(1.0, abs=1e-12)
+    assert s["crps_ratio_ci_high"] == pytest.approx(1.0, abs=1e-12)
+    assert s["n_fields_reference"] == 10
+
+
+def test_evaluate_scores_a_ragged_reference_over_its_finite_members():
+    rng = np.random.default_rng(23)
+    ens, obs = random_case(rng, m=6, shape=(8, 4, 5))
+    ref = xr.DataArray(rng.normal(size=(5, 8, 4, 5)), dims=ens.dims, coords=ens.coords,
+                       name="tas")
+    ref[3:, :4] = np.nan  # the first 4 fields have only 3 members (analog-style padding)
+    ref[:, 7] = np.nan  # field 7 has none: it leaves the ratio
+    s = an.evaluate(ens, obs, reference=ref)["summary"]
+    w = an.area_weights(obs.lat.values)[:, None]
+    per_field = []
+    for t in range(7):
+        members = ref.values[:, t]
+        members = members[np.isfinite(members[:, 0, 0])]
+        crps = np.array([[scoringrules.crps_ensemble(obs.values[t, i, j], members[:, i, j],
+                                                     estimator="fair")
+                          for j in range(5)] for i in range(4)])
+        per_field.append((crps * w).mean() / w.mean())
+    assert s["n_fields_reference"] == 7
+    assert s["crps_fair_reference"] == pytest.approx(np.mean(per_field), rel=1e-10)
+    g = an.weighted_mean(an.crps_fair(ens, obs), ["lat", "lon"]).values[:7]
+    assert s["crps_ratio_vs_reference"] == pytest.approx(g.mean() / np.mean(per_field),
+                                                         rel=1e-10)
+    assert s["crps_fair"] == pytest.approx(float(an.weighted_mean(an.crps_fair(ens, obs))))
+
+
+def test_spread_skill_uses_the_same_points_for_spread_and_error():
+    rng = np.random.default_rng(24)
+    ens, obs = random_case(rng, m=5, shape=(4, 6, 8))
+    ens = ens * xr.DataArray(np.linspace(0.2, 3.0, 8), dims="lon", coords={"lon": ens.lon})
+    gappy = obs.where(obs.lon < 200)  # observations missing where the spread is largest
+    m = 5
+    var = ens.var("member", ddof=1).where(gappy.notnull())
+    err2 = (ens.mean("member") - gappy) ** 2
+    w = xr.DataArray(an.area_weights(obs.lat.values), dims="lat", coords={"lat": obs.lat})
+    want = np.sqrt((m + 1) / m * float(var.weighted(w).mean()) / float(err2.weighted(w).mean()))
+    assert float(an.spread_skill_ratio(ens, gappy)) == pytest.approx(want, rel=1e-12)
+    full = float(an.spread_skill_ratio(ens, obs))
+    assert float(an.spread_skill_ratio(ens, gappy)) != pytest.approx(full, rel=1e-3)
+
+
+def test_spectrum_of_masked_rows_fills_with_the_row_mean_and_compares_on_one_mask():
+    rng = np.random.default_rng(25)
+    ens, obs = random_case(rng, m=4, shape=(3, 5, 16))
+    land = xr.DataArray(np.arange(16) % 7 == 3, dims="lon", coords={"lon": obs.lon})
+    sea_obs = obs.where(~land)  # every row has land: no row is NaN-free
+    p = an.zonal_power_spectrum(sea_obs)
+    assert np.isfinite(p.values).all()
+    a = sea_obs.transpose("time", "lat", "lon").values
+    filled = np.where(np.isfinite(a), a, np.nanmean(a, axis=-1, keepdims=True))
+    np.testing.assert_allclose(p.values, (np.abs(np.fft.rfft(filled)) ** 2).mean((0, 1)),
+                               rtol=1e-12)
+    # members unmasked, truth masked: compared on the union mask, identical fields give 0
+    same = obs.expand_dims(member=3).transpose("member", ...)
+    assert float(an.spectra_relative_error(same, sea_obs)) == pytest.approx(0.0, abs=1e-12)
+    s = an.evaluate(ens.where(~land), sea_obs)["summary"]
+    assert np.isfinite(s["spectra_max_rel_error"])
+
+
+def test_results_carry_their_own_units_not_the_inputs():
+    ens, obs = random_case(np.random.default_rng(26), m=4)
+    ens.attrs.update(standard_name="air_temperature", long_name="Air temperature")
+    assert an.exceedance_probability(ens, 0.0).attrs["units"] == "1"
+    assert "standard_name" not in an.exceedance_probability(ens, 0.0).attrs
+    assert an.exceedance_count(ens, 0.0).attrs["units"] == "1"
+    assert an.rank_histogram(ens, obs, np.random.default_rng(0)).attrs["units"] == "1"
+    assert float(an.spread_skill_ratio(ens, obs)) > 0
+    assert an.spread_skill_ratio(ens, obs).attrs == {"long_name": "spread-skill ratio",
+                                                     "units": "1"}
+    assert an.zonal_power_spectrum(ens).attrs["units"] == "K^2"
+    assert an.crps_fair(ens, obs).attrs == {"long_name": "fair CRPS", "units": "K"}
+    spread = an.ensemble_spread(ens)
+    assert spread.attrs["standard_name"] == "air_temperature"  # still a temperature in K
+    assert spread.attrs["cell_methods"] == "member: standard_deviation"
+    pr = ens.assign_attrs(units="kg m-2 s-1")
+    assert an.zonal_power_spectrum(pr).attrs["units"] == "(kg m-2 s-1)^2"
+
+
+def test_datasets_with_cf_auxiliary_variables_are_scored_on_their_ensembles():
+    ens, obs = random_case(np.random.default_rng(27), m=4)
+    bnds = xr.DataArray(np.zeros((3, 2)), dims=("time", "bnds"))
+    ens_ds = xr.Dataset({"tas": ens, "time_bnds": bnds})
+    obs_ds = xr.Dataset({"tas": obs, "time_bnds": bnds})
+    xr.testing.assert_allclose(an.crps_fair(ens_ds, obs_ds)["tas"], an.crps_fair(ens, obs))
+    assert list(an.crps_fair(ens_ds, obs_ds).data_vars) == ["tas"]
+    assert float(an.weighted_mean(obs_ds)["tas"]) == pytest.approx(float(an.weighted_mean(obs)))
+    hist = ens_ds.geodiff.rank_histogram(obs_ds, np.random.default_rng(0))
+    xr.testing.assert_equal(hist["tas"], an.rank_histogram(ens, obs, np.random.default_rng(0)))
+    assert float(ens_ds.geodiff.spread_skill(obs_ds)["tas"]) == pytest.approx(
+        float(an.spread_skill_ratio(ens, obs)))

@@ -191,6 +191,36 @@ def test_global_grid_in_minus_180_and_masked_points(offline, tmp_path):
     assert_png(out)
 
 
+def test_observed_panel_is_the_ensemble_fields_observation(offline, regional):
+    ens, obs = regional
+    shuffled = obs.isel(time=[2, 0, 1])  # same fields, another order
+    fig = plot.ensemble_figure(ens, "mean", obs=shuffled, sel={"time": 1})
+    observed = data_mesh(geo_axes(fig)[1]).get_array().ravel()
+    np.testing.assert_allclose(observed, obs.tas.sel(time=1).values.ravel())
+    with pytest.raises(ValueError, match="no field time=1"):
+        plot.ensemble_figure(ens, "mean", obs=obs.isel(time=[0, 2]), sel={"time": 1})
+
+
+@pytest.mark.parametrize("lon", [
+    [170.0, 175.0, 180.0, -175.0, -170.0],     # across the date line in -180..180
+    [-170.0, -175.0, 180.0, 175.0, 170.0],     # the same, stored east to west
+    [350.0, 355.0, 0.0, 5.0, 10.0],            # across Greenwich in 0..360
+])
+def test_regional_map_across_the_date_line_or_greenwich_stays_one_block(offline, lon):
+    ens, obs = make_ensemble(np.linspace(20.0, 40.0, 5), np.asarray(lon), m=3)
+    fig = plot.ensemble_figure(ens, "mean", obs=obs)
+    ax = geo_axes(fig)[0]
+    west, east, _, _ = ax.get_extent()  # in the map's own PlateCarree, centred on the region
+    assert east - west == pytest.approx(25.0, abs=0.01)  # 5 cells of 5 deg, not the globe
+    centre = ax.projection.proj4_params.get("pm", 0.0) % 360
+    assert centre == pytest.approx(180.0 if lon[0] in (170.0, -170.0) else 0.0, abs=0.01)
+    field = ens.tas.isel(member=0, time=0)
+    x, _, data, _ = plot._mesh_xy(field, periodic=False)
+    assert np.all(np.diff(x) == 5.0)  # one gap-free window, e.g. 170..190 or -10..10
+    source = [int(np.flatnonzero(np.mod(lon, 360) == np.mod(xk, 360))[0]) for xk in x]
+    np.testing.assert_array_equal(data, field.values[:, source])
+
+
 # --------------------------------------------------------------------------------------
 # diagnostics
 

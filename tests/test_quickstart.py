@@ -1,4 +1,4 @@
-"""Pieces of the quickstart and gap-filling experiments: analog baseline, ragged fair CRPS,
+"""Pieces of the quickstart and gap-filling experiments: analog baseline, scores,
 artificial clouds, climatology ensemble (the full jobs are the README's first command)."""
 
 from __future__ import annotations
@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from geodiff import analysis
 from geodiff.gapfill_eval import climatology_ensemble, cloud_mask
-from geodiff.quickstart import analog_ensemble, fair_crps_ragged
+from geodiff.quickstart import analog_ensemble
 
 
 def _fields(years, scenarios=("A1B", "E1"), seed=0):
@@ -19,22 +18,6 @@ def _fields(years, scenarios=("A1B", "E1"), seed=0):
                       coords={"scenario": list(scenarios), "time": np.arange(len(years)),
                               "year": ("time", np.asarray(years)), "lat": [0.0, 1.0, 2.0],
                               "lon": [0.0, 1.0, 2.0, 3.0]})
-
-
-def test_fair_crps_ragged_equals_fair_crps_without_missing_members():
-    rng = np.random.default_rng(1)
-    ens = xr.DataArray(rng.normal(size=(7, 5, 6)), dims=("member", "lat", "lon"))
-    obs = xr.DataArray(rng.normal(size=(5, 6)), dims=("lat", "lon"))
-    np.testing.assert_allclose(fair_crps_ragged(ens, obs).values,
-                               analysis.crps_fair(ens, obs).values, rtol=1e-10)
-
-
-def test_fair_crps_ragged_skips_nan_members_pointwise():
-    ens = xr.DataArray([[1.0, 1.0], [3.0, 2.0], [np.nan, 6.0]], dims=("member", "x"))
-    obs = xr.DataArray([2.0, 0.0], dims=("x",))
-    # point 0: members {1, 3}, y = 2: mean|X-y| = 1, pairs |1-3| * 2 / (2*2*1) = 1 -> 0
-    # point 1: members {1, 2, 6}, y = 0: 3 - (1+5+4)*2 / (2*3*2) = 3 - 20/12
-    np.testing.assert_allclose(fair_crps_ragged(ens, obs).values, [0.0, 3.0 - 20.0 / 12.0])
 
 
 def test_analog_ensemble_uses_same_scenario_within_ten_years():
