@@ -67,6 +67,7 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.Module,
                     keep_last: int) -> Path:
     """Write checkpoint ``step`` atomically and prune all but the newest ``keep_last``."""
     final = step_dir(run_dir, step)
+    remove_stale_temporaries(run_dir)
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -84,6 +85,38 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.Module,
     for old in list_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
+    """Delete ``step_*.tmp-<pid>`` directories left by saves that were killed.
+
+    A save writes into ``step_N.tmp-<pid>`` and renames it when complete; a process killed
+    mid-save leaves that directory (a full weights file) behind, named after a pid that no
+    longer runs. Directories of a live pid other than this one are left alone (another
+    process may be saving). Returns the removed paths.
+    """
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    removed = []
+    for p in folder.glob(f"{STEP_PREFIX}*.tmp-*"):
+        pid = p.name.rsplit(".tmp-", 1)[1]
+        if not pid.isdigit() or (int(pid) != os.getpid() and _alive(int(pid))):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def load_state(ckpt: str | Path) -> dict[str, Any]:

@@ -17,7 +17,19 @@ def _add_common(p: argparse.ArgumentParser, *, seed: bool = True) -> None:
     p.add_argument("--device", default="auto",
                    help="cpu, cuda, cuda:1 ... (default auto: CUDA when available)")
     if seed:
-        p.add_argument("--seed", type=int, default=None, help="random seed")
+        p.add_argument("--seed", type=_seed, default=None, help="random seed (an integer >= 0)")
+
+
+def _seed(text: str) -> int:
+    """A seed for ``torch.Generator.manual_seed``: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"--seed {text!r}: expected an integer >= 0, e.g. "
+                                         "--seed 0")
+    return value
 
 
 def _int_list(text: str) -> list[int]:
@@ -142,6 +154,22 @@ def _open_any(path: str):
     return xr.open_dataset(p)
 
 
+def _conditions(text: str):
+    """``--conditions``: inline JSON (starts with ``{``) or a NetCDF/Zarr file of conditions."""
+    if text.lstrip().startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            example = '{"year": [2050, 2060], "scenario": ["A1B"]}'
+            raise ValueError(f"--conditions {text[:60]!r} is not valid JSON ({err}); e.g. "
+                             f"--conditions '{example}'") from None
+    if not Path(text).exists():
+        raise FileNotFoundError(f"--conditions {text!r} is neither an existing file nor inline "
+                                "JSON (which starts with '{'); give a NetCDF/Zarr file with the "
+                                "condition coordinates or e.g. '{\"year\": [2050]}'")
+    return _open_any(text)
+
+
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     cmd = args.command
     if cmd is None:
@@ -198,10 +226,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if cmd == "generate":
         from geodiff.ensemble import generate_ensemble
 
-        conditions = None
-        if args.conditions:
-            conditions = (_open_any(args.conditions) if Path(args.conditions).exists()
-                          else json.loads(args.conditions))
+        conditions = _conditions(args.conditions) if args.conditions else None
         out = generate_ensemble(args.checkpoint, args.members, conditions, sampler=args.sampler,
                                 steps=args.steps, timesteps=args.timesteps,
                                 guidance=args.guidance, eta=args.eta,

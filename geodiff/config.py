@@ -9,6 +9,8 @@ the allowed values, before any data is opened.
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -177,6 +179,7 @@ class ModelConfig:
 
     def validate(self, path: str) -> None:
         _require(len(self.channels) >= 1, f"{path}.channels", self.channels, "at least one level")
+        _require(self.groups >= 1, f"{path}.groups", self.groups, ">= 1")
         for c in self.channels:
             _require(c > 0 and c % self.groups == 0, f"{path}.channels", self.channels,
                      f"positive widths divisible by groups={self.groups}")
@@ -185,6 +188,12 @@ class ModelConfig:
         for lvl in self.attention_levels:
             _require(0 <= lvl < len(self.channels), f"{path}.attention_levels",
                      self.attention_levels, f"level indices in 0..{len(self.channels) - 1}")
+        if self.attention_levels:
+            widths = [self.channels[lvl] for lvl in self.attention_levels]
+            _require(self.attention_heads >= 1 and all(w % self.attention_heads == 0
+                                                       for w in widths),
+                     f"{path}.attention_heads", self.attention_heads,
+                     f"a head count >= 1 dividing the widths {widths} of the attention levels")
         _require(0.0 <= self.dropout < 1.0, f"{path}.dropout", self.dropout, "0 <= p < 1")
 
 
@@ -253,6 +262,9 @@ class TrainingConfig:
         _require(self.batch_size >= 1, f"{path}.batch_size", self.batch_size, ">= 1")
         _require(self.num_workers >= 0, f"{path}.num_workers", self.num_workers, ">= 0")
         _require(self.lr > 0, f"{path}.lr", self.lr, "> 0")
+        _require(self.weight_decay >= 0, f"{path}.weight_decay", self.weight_decay, ">= 0")
+        _require(self.max_time_s is None or self.max_time_s > 0, f"{path}.max_time_s",
+                 self.max_time_s, "> 0 seconds, or null for no limit")
         _require(self.warmup_steps >= 0, f"{path}.warmup_steps", self.warmup_steps, ">= 0")
         _require(self.grad_clip >= 0, f"{path}.grad_clip", self.grad_clip, ">= 0 (0 = off)")
         _require(self.ema_halflife_steps > 0, f"{path}.ema_halflife_steps",
@@ -373,6 +385,10 @@ class Recipe:
             _require(max(self.sampling.timesteps) < self.diffusion.timesteps,
                      "sampling.timesteps", list(self.sampling.timesteps),
                      f"timesteps below diffusion.timesteps ({self.diffusion.timesteps})")
+        _require(self.sampling.guidance == 1.0 or cond.dropout > 0, "sampling.guidance",
+                 self.sampling.guidance, "1 unless conditioning.dropout > 0: classifier-free "
+                 "guidance extrapolates from the unconditional model, which only condition "
+                 "dropout in training teaches (Ho & Salimans 2022; e.g. dropout: 0.1)")
         if self.scaling.anomaly == "trend":
             _require(cond.year or self.scaling.trend_coord != "year", "scaling.anomaly", "trend",
                      "conditioning.year: true (the trend is a function of the year, so the model"
@@ -448,6 +464,10 @@ def resolve_recipe_path(path_or_name: str | Path) -> Path:
 
 # ---------------------------------------------------------------------------------------
 # helpers
+
+
+_INFINITE_OK = frozenset({"sampling.rho"})
+"""Float keys for which ``.inf`` means something (log-uniform noise levels)."""
 
 
 def _require(ok: bool, key: str, value: Any, rule: str) -> None:
@@ -534,10 +554,20 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
             raise ConfigError(f"{path} = {value!r} must be an integer")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 (PyYAML) reads 1e-4 (no dot) as a string: accept what float() parses
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{path} = {value!r} must be a number") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path} = {value!r} must be a number")
+        if math.isnan(value) or (math.isinf(value) and path not in _INFINITE_OK):
+            raise ConfigError(f"{path} = {value!r} must be a finite number")
         return float(value)
     if tp is str:
+        if isinstance(value, (datetime.date, datetime.datetime)):
+            return value.isoformat()  # YAML reads an unquoted 1860-01-01 as a date
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{path} = {value!r} must be a string")
         return str(value)

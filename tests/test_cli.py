@@ -125,3 +125,25 @@ def test_generate_timesteps_must_be_comma_separated_integers(tmp_path):
     assert out.returncode == 2
     assert "'999,5x0': expected comma-separated integers" in out.stderr
     assert not (tmp_path / "e.nc").exists()
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("conds_typo.nc", "--conditions 'conds_typo.nc' is neither an existing file nor inline JSON"),
+    ('{"year": [2050,]}', "is not valid JSON"),
+])
+def test_generate_conditions_are_json_or_an_existing_file(tmp_path, capsys, value, message):
+    from geodiff.cli import main
+    code = main(["generate", str(tmp_path / "no_run"), "--conditions", value,
+                 "--out", str(tmp_path / "e.nc")])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "e.nc").exists()
+
+
+def test_negative_seed_names_the_flag(tmp_path, capsys):
+    from geodiff.cli import main
+    with pytest.raises(SystemExit) as err:
+        main(["generate", str(tmp_path / "no_run"), "--seed", "-1", "--out",
+              str(tmp_path / "e.nc")])
+    assert err.value.code == 2
+    assert "--seed '-1': expected an integer >= 0" in capsys.readouterr().err

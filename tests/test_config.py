@@ -52,6 +52,15 @@ def test_round_trip_through_yaml_is_exact():
         ({"sampling": {"sampler": "ddim", "timesteps": [100, 0]},
           "diffusion": {"parameterization": "ddpm", "timesteps": 100}},
          "timesteps below diffusion.timesteps (100)"),
+        ({"model": {"groups": 0}}, "model.groups = 0 is invalid: expected >= 1"),
+        ({"model": {"attention_heads": 3}}, "dividing the widths [256] of the attention"),
+        ({"model": {"attention_heads": 0}}, "model.attention_heads = 0 is invalid"),
+        ({"training": {"lr": float("inf")}}, "training.lr = inf must be a finite number"),
+        ({"diffusion": {"p_mean": float("nan")}}, "diffusion.p_mean = nan must be a finite"),
+        ({"training": {"max_time_s": -5}}, "training.max_time_s = -5.0 is invalid"),
+        ({"training": {"weight_decay": -1}}, "training.weight_decay = -1.0 is invalid"),
+        ({"training": {"lr": "fast"}}, "training.lr = 'fast' must be a number"),
+        ({"sampling": {"guidance": 3.0}}, "1 unless conditioning.dropout > 0"),
     ],
 )
 def test_bad_values_name_the_key_and_the_rule(patch, fragment):
@@ -66,6 +75,20 @@ def test_sampling_timesteps_on_a_ddpm_recipe():
                           "sampling": {"sampler": "ddim", "timesteps": [999, 500, 0]}})
     assert r.sampling.timesteps == (999, 500, 0)
     assert recipe_from_dict(MINIMAL).sampling.timesteps is None
+
+
+def test_yaml_1_1_readings_of_numbers_and_dates_are_what_the_user_meant():
+    # PyYAML reads 1e-4 (no dot) as a string and an unquoted 1860-01-01 as a date
+    r = recipe_from_dict(yaml.safe_load(
+        "name: t\ndata: {source: x.nc, variables: [tas]}\ntraining: {lr: 1e-4}\n"
+        "split: {kind: time_ranges, train: [1860-01-01, 1999-12-30]}\n"
+        "sampling: {rho: .inf}\n"))
+    assert r.training.lr == 1e-4
+    assert r.split.train == ("1860-01-01", "1999-12-30")
+    assert r.sampling.rho == float("inf")  # .inf means log-uniform levels there
+    guided = recipe_from_dict({**MINIMAL, "conditioning": {"dropout": 0.1},
+                               "sampling": {"guidance": 3.0}})
+    assert guided.sampling.guidance == 3.0
 
 
 def test_missing_required_key():
