@@ -449,8 +449,10 @@ def open_dataset(name_or_path: str, *, catalog: str | Path | None = None,
     if missing:
         raise CatalogError(f"variables {missing} not found in {entry.name!r}; available: "
                            f"{available}")
-    ds = _combine([p[[v for v in wanted if v in p.data_vars]] for p in parts], entry, wanted)
-    ds = grid.standardize(ds)
+    selected = [p[[v for v in wanted if v in p.data_vars]] for p in parts]
+    if entry.concat is None:  # merged: a source with none of the variables adds nothing
+        selected = [p for p in selected if p.data_vars]
+    ds = _combine([grid.standardize(p) for p in selected], entry, wanted)
     ds = apply_subset(ds, sub, entry.name)
     if chunks and reader == "dask":
         unknown = sorted(set(chunks) - set(map(str, ds.dims)))
@@ -467,28 +469,38 @@ def _subset_dict(s: Subset) -> dict[str, Any]:
 
 
 def _combine(parts: list[xr.Dataset], entry: CatalogEntry, variables: list[str]) -> xr.Dataset:
+    """Merge or concatenate standardised ``parts`` (so sources that differ only in latitude
+    order, wrap column or coordinate names combine); the result describes itself with the
+    first source's :class:`geodiff.grid.GridInfo`, which :func:`geodiff.grid.restore`
+    maps back to."""
     if len(parts) == 1:
         return parts[0]
     kw: dict[str, Any] = dict(join="exact", combine_attrs="drop_conflicts")
+    info = grid.grid_info(parts[0])
     try:
         if entry.concat is None:
-            return xr.merge(parts, compat="override", **kw)
-        c = entry.concat
-        if c.labels is not None:
-            absent = [v for v in variables if not all(v in p.data_vars for p in parts)]
-            if absent:
-                raise CatalogError(f"catalog entry {entry.name!r}: variables {absent} are not "
-                                   f"in every source, so they cannot be stacked along {c.dim!r}")
-            dim: Any = xr.DataArray(np.array(c.labels), dims=c.dim, name=c.dim)
+            out = xr.merge(parts, compat="override", **kw)
         else:
-            dim = c.dim
-        return xr.concat(parts, dim=dim, data_vars=variables, coords="minimal",
-                         compat="override", **kw)
+            c = entry.concat
+            if c.labels is not None:
+                absent = [v for v in variables if not all(v in p.data_vars for p in parts)]
+                if absent:
+                    raise CatalogError(f"catalog entry {entry.name!r}: variables {absent} are "
+                                       f"not in every source, so they cannot be stacked along "
+                                       f"{c.dim!r}")
+                dim: Any = xr.DataArray(np.array(c.labels), dims=c.dim, name=c.dim)
+            else:  # an existing dim, by its canonical name (e.g. valid_time -> time)
+                dim = {info.time_name: grid.TIME, info.level_name: grid.LEVEL,
+                       info.lat_name: grid.LAT, info.lon_name: grid.LON}.get(c.dim, c.dim)
+            out = xr.concat(parts, dim=dim, data_vars=variables, coords="minimal",
+                            compat="override", **kw)
     except ValueError as err:
         if isinstance(err, CatalogError):
             raise
         raise CatalogError(f"catalog entry {entry.name!r}: its sources do not share one grid "
                            f"and can't be combined ({err})") from err
+    out.attrs[grid.ATTR] = parts[0].attrs[grid.ATTR]
+    return grid.standardize(out)
 
 
 # ---------------------------------------------------------------------------------------
@@ -507,10 +519,10 @@ def apply_subset(ds: xr.Dataset, subset: Subset, name: str = "dataset") -> xr.Da
     if subset.time is not None:
         if grid.TIME not in out.dims:
             raise CatalogError(f"subset time={list(subset.time)} but {name!r} has no time dim")
-        index = out.indexes[grid.TIME]
-        start, stop = (str(v) if isinstance(v, int) and not _numeric(index) else v
-                       for v in subset.time)
-        out = out.sel({grid.TIME: slice(start, stop)})
+        if _numeric(out.indexes[grid.TIME]):  # undecoded times: raw numbers
+            out = out.sel({grid.TIME: slice(*subset.time)})
+        else:
+            out = out.isel({grid.TIME: _time_positions(out, subset.time, name)})
         _nonempty(out, grid.TIME, f"time={list(subset.time)}", ds, name)
     if subset.lat is not None:
         south, north = sorted(subset.lat)
@@ -529,6 +541,27 @@ def apply_subset(ds: xr.Dataset, subset: Subset, name: str = "dataset") -> xr.Da
                                f"{have.tolist()}")
         out = out.sel({grid.LEVEL: list(subset.levels)}, method="nearest")
     return grid.standardize(out) if out is not ds else out
+
+
+def _time_positions(ds: xr.Dataset, bounds: tuple[Any, Any], name: str) -> slice | np.ndarray:
+    """Positions of the times within the inclusive ``bounds`` of a time subset, compared as
+    date tuples like the time splits (:func:`geodiff.samples.time_positions`), so that
+    ``"1999-12-31"`` also ends a 360_day year; a slice when they are contiguous."""
+    from geodiff.samples import time_positions
+
+    try:
+        pos = time_positions(ds[grid.TIME].values,
+                             [None if b is None else str(b) for b in bounds],
+                             f"subset time={list(bounds)}")
+    except ValueError as err:
+        try:
+            calendar = ds[grid.TIME].dt.calendar
+        except (AttributeError, TypeError):
+            calendar = "unknown"
+        raise CatalogError(f"{err} ({name!r}, calendar {calendar!r})") from None
+    if pos.size and np.array_equal(pos, np.arange(pos[0], pos[0] + pos.size)):
+        return slice(int(pos[0]), int(pos[-1]) + 1)
+    return pos
 
 
 def _is_scalar_level(ds: xr.Dataset, levels: tuple[float, ...]) -> bool:
@@ -561,7 +594,8 @@ def _select_lon(ds: xr.Dataset, west: float, east: float, name: str) -> xr.Datas
     idx = keep[np.argsort(offset[keep], kind="stable")]
     out = ds.isel({grid.LON: idx})
     values = out[grid.LON].values
-    continued = np.where(values.astype(np.float64) >= start, values, values + 360)
+    turns = np.floor((values.astype(np.float64) - start) / 360.0)  # from [start, start + 360)
+    continued = np.where(turns == 0, values, values - 360.0 * turns)
     if not np.array_equal(continued, values):
         out = out.assign_coords({grid.LON: (grid.LON, continued.astype(values.dtype),
                                             out[grid.LON].attrs)})

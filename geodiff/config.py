@@ -151,7 +151,8 @@ class ConditioningConfig:
     coord_channels: bool = True
     """Add sin/cos latitude and longitude as input channels."""
     mask_channel: bool = True
-    """Add the validity mask (1 = valid) as an input channel when the data has NaNs."""
+    """Add the validity mask (1 = valid) as an input channel when the train split has NaNs
+    (validation and generation then get it too)."""
     dropout: float = 0.0
     """Probability of dropping the condition vector in training (classifier-free guidance)."""
 

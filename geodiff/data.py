@@ -121,10 +121,15 @@ class FieldDataset(torch.utils.data.Dataset):
     Item ``i`` is a dict of tensors: ``"x"`` ``(C, H+, W+)`` float32 (NaN -> 0);
     ``"weight"`` ``(C, H+, W+)`` = area weight (cos lat, mean 1 on the unpadded grid) x
     validity, 0 on NaN pixels and on padding; ``"fields"`` ``(F, H+, W+)`` = [sin lat, cos lat,
-    sin lon, cos lon] (``coord_channels``), [validity mask of all channels] (``mask_channel``
-    and the data has NaNs, or ``with_mask``), static fields, conditioning fields (NaN -> 0);
-    ``"cond"`` ``(K,)`` float32; ``"index"`` ``()`` int64. ``__getitems__`` reads a whole batch
-    in one dask computation (used by ``DataLoader``).
+    sin lon, cos lon] (``coord_channels``), [validity mask of all channels] (``with_mask``;
+    when ``None``: ``mask_channel`` and this data has NaNs; pass the training set's
+    ``with_mask`` to the others so that every split has the same channels), static fields,
+    conditioning fields (NaN -> 0); ``"cond"`` ``(K,)`` float32; ``"index"`` ``()`` int64.
+    ``__getitems__`` reads a whole batch in one dask computation (used by ``DataLoader``).
+
+    Static fields come from ``static`` when given (standardised like the data and taken at
+    the data's latitudes and longitudes, modulo 360; a ValueError names the points it lacks),
+    else from ``ds_scaled``.
 
     With ``scaler``, ``ds_scaled`` is the *unscaled* Dataset and the scaling is applied to
     each batch as it is read (``scaler.transform`` on the batch; in memory: once, on
@@ -446,7 +451,7 @@ class FieldDataset(torch.utils.data.Dataset):
         names = list(self.cond_config.static_fields)
         if not names:
             return np.zeros((0, *self._padded_shape), np.float32), []
-        source = static if static is not None else ds
+        source = _on_grid(static, ds) if static is not None else ds
         blocks, channels = [], []
         for name in names:
             if name not in source.data_vars:
@@ -471,6 +476,53 @@ class FieldDataset(torch.utils.data.Dataset):
         lat2, lon2 = np.meshgrid(lat, lon, indexing="ij")  # (H+, W+)
         return np.stack([np.sin(lat2), np.cos(lat2), np.sin(lon2), np.cos(lon2)]
                         ).astype(np.float32)
+
+
+def _on_grid(static: xr.Dataset, ds: xr.Dataset) -> xr.Dataset:
+    """``static`` standardised like the data (:func:`geodiff.grid.standardize`: latitude
+    ascending, canonical names) and selected at the latitudes and longitudes (modulo 360) of
+    ``ds``, each matched within 1e-4 degrees; ValueError naming what does not match."""
+    from geodiff.grid import standardize
+
+    try:
+        static = standardize(static)
+    except ValueError as err:
+        raise ValueError(f"static fields: cannot find their latitude/longitude ({err}); give "
+                         "them lat/lon coordinates on the data grid") from None
+    picks = {}
+    for dim, period in ((LAT, None), (LON, 360.0)):
+        want, have = ds[dim].values.astype(np.float64), static[dim].values.astype(np.float64)
+        idx = _match(want, have, period)
+        if (idx < 0).any():
+            missing = want[idx < 0]
+            raise ValueError(
+                f"static fields are not on the data grid: {missing.size} of the data's {want.size} "
+                f"{dim} values (e.g. {missing[:3].tolist()}) are not among the static {dim} "
+                f"values ({have.size} in {have.min():g}..{have.max():g}); regrid the static "
+                "fields to the data grid first")
+        picks[dim] = idx
+    return static.isel(picks)
+
+
+def _match(want: np.ndarray, have: np.ndarray, period: float | None, atol: float = 1e-4
+           ) -> np.ndarray:
+    """Index in ``have`` of each value of ``want`` (within ``atol``, modulo ``period``), -1
+    where there is none."""
+    if period is not None:
+        want, have = np.mod(want, period), np.mod(have, period)
+    order = np.argsort(have, kind="stable")
+    sorted_have = have[order]
+    pos = np.searchsorted(sorted_have, want)
+    best = np.full(want.shape, -1)
+    best_err = np.full(want.shape, np.inf)
+    for cand in (pos - 1, pos, 0, len(have) - 1):  # neighbours, and both ends (wrap-around)
+        c = np.clip(cand, 0, len(have) - 1)
+        err = np.abs(sorted_have[c] - want)
+        if period is not None:
+            err = np.minimum(err, period - err)
+        better = err < best_err
+        best, best_err = np.where(better, order[c], best), np.where(better, err, best_err)
+    return np.where(best_err <= atol, best, -1)
 
 
 def threaded_batches(dataset: FieldDataset, index_batches: Iterable[Sequence[int]],

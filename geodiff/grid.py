@@ -9,7 +9,10 @@ Gaussian) onto the canonical form used inside geodiff, lazily (dask arrays stay 
 * latitude ascending; longitude ascending and monotonic in ``[lon_min, lon_min + 360)``,
   where ``lon_min`` is the source's own convention (``-180``, ``0``, ``20``...), so the
   coordinate values themselves are those of the source; a duplicated wrap-around column
-  (last longitude = first + 360) is dropped;
+  (last longitude = first + 360) is dropped.  A regional (not periodic) grid starts just
+  after its largest longitude gap and continues eastward, so one across the window's end
+  stays contiguous: ``170, 175, 180, -175, -170`` becomes ``170 .. 190`` and
+  ``350, 355, 0, 5`` becomes ``350 .. 365``;
 * a singleton level dimension is squeezed into a scalar ``level`` coordinate;
 * a time dimension with another name (``valid_time``, ``t`` with ``axis='T'``) becomes
   ``time``;
@@ -18,9 +21,10 @@ Gaussian) onto the canonical form used inside geodiff, lazily (dask arrays stay 
   ``scale_factor``/``add_offset`` are decoded by xarray's ``mask_and_scale`` on opening).
   The rule: ``|x| >= 1e30`` is always missing; an exact ``-999`` or ``-9999`` is missing
   when, in a sample of the variable (first, middle and last index of every non-spatial
-  dimension), the gap between it and the nearest other value exceeds the span
-  ``max - min`` of the other values (so ``-999`` in a 200..320 K field is fill, but
-  not in an elevation field reaching below ``-999`` m);
+  dimension), it lies outside the other values and either the gap between it and the
+  nearest of them exceeds their span ``max - min`` or they are all ``>= 0`` (so ``-999``
+  in a 200..320 K field or a 50000..105000 Pa surface pressure field is fill, but not in
+  an elevation field reaching below ``-999`` m);
 * decoded times (datetime64 or any cftime calendar) get integer coordinates ``year`` and
   ``dayofyear`` along ``time``.
 
@@ -28,9 +32,11 @@ A :class:`GridInfo` describing the source convention is stored as JSON in
 ``ds.attrs["geodiff_grid"]``; :func:`restore` maps a canonical Dataset back to the source's
 names, latitude order, longitude convention and squeezed level.  What does not come back:
 the dropped wrap-around column, a descending or non-monotonic source longitude order (the
-values come back sorted in the source window), a source dimension whose 1-D lat/lon
-coordinate had another name (``nav_lat(y)`` comes back as dimension ``nav_lat``), and the
-source's order of dimensions within a variable (CF order ``..., level, lat, lon``).
+values come back sorted in the source window; a regional grid stored eastward across the
+window's end, ``170, 175, 180, -175, -170``, does come back in that order), a source
+dimension whose 1-D lat/lon coordinate had another name (``nav_lat(y)`` comes back as
+dimension ``nav_lat``), and the source's order of dimensions within a variable (CF order
+``..., level, lat, lon``).
 
 Curvilinear (2-D lat/lon), rotated-pole, projected and unstructured grids are refused
 with a :class:`ValueError` that suggests regridding.
@@ -62,7 +68,8 @@ ATTR = "geodiff_grid"
 LARGE_FILL = 1e30
 """Values with ``|x| >= LARGE_FILL`` are always treated as missing (e.g. ``-1e34``)."""
 SENTINEL_FILLS = (-999.0, -9999.0)
-"""Undeclared fill values recognised when they lie far outside the rest of the data."""
+"""Undeclared fill values recognised when they lie far outside the rest of the data, or
+below data that is otherwise never negative."""
 
 _ADDED = "added by geodiff.grid.standardize"
 _SUPPORTED = (
@@ -94,7 +101,8 @@ class GridInfo:
     lat_descending: bool
     """The source stores latitude north to south."""
     lon_min: float
-    """Start of the source longitude window ``[lon_min, lon_min + 360)`` (e.g. -180, 0, 20)."""
+    """Start of the source longitude window ``[lon_min, lon_min + 360)`` (e.g. -180, 0, 20):
+    the source's smallest longitude."""
     wrap_column_dropped: bool
     """The source's last longitude duplicated the first + 360 and was dropped."""
     level_squeezed: bool
@@ -106,7 +114,9 @@ class GridInfo:
     lat: tuple[float, ...]
     """Canonical (ascending) latitude values."""
     lon: tuple[float, ...]
-    """Canonical (ascending, in the source window) longitude values."""
+    """Canonical (ascending) longitude values: in the source window, except a regional grid
+    across the window's end, which continues past it (``170 .. 190`` for a -180..180
+    source)."""
     lat_attrs: dict = field(default_factory=dict)
     """Source attributes of the latitude coordinate."""
     lon_attrs: dict = field(default_factory=dict)
@@ -117,6 +127,9 @@ class GridInfo:
     """Source attributes of the level coordinate."""
     time_name: str | None = None
     """Source name of a time dimension renamed to ``time`` (e.g. ``valid_time``), else None."""
+    lon_rolled: bool = False
+    """The source stores a regional grid eastward across the end of its longitude window
+    (``170, 175, 180, -175, -170``): :func:`restore` keeps that order instead of sorting."""
 
     def to_dict(self) -> dict:
         """JSON-serialisable dict (``from_dict(to_dict(info)) == info``)."""
@@ -187,7 +200,8 @@ def _canonicalise(ds: xr.Dataset) -> tuple[xr.Dataset, GridInfo]:
     lat_descending = _check_lat(lat_src, lat_name)
     if lat_descending:
         ds = ds.isel({lat_name: slice(None, None, -1)})
-    order, lon_values, lon_min, wrap = _canonical_lon(np.asarray(ds[lon_name].values), lon_name)
+    order, lon_values, lon_min, wrap, rolled = _canonical_lon(np.asarray(ds[lon_name].values),
+                                                              lon_name)
     if not np.array_equal(order, np.arange(ds.sizes[lon_name])):
         ds = ds.isel({lon_name: slice(0, order.size) if _is_prefix(order) else order})
     if lon_values is not None:
@@ -222,7 +236,8 @@ def _canonicalise(ds: xr.Dataset) -> tuple[xr.Dataset, GridInfo]:
         lat_name=str(lat_name), lon_name=str(lon_name),
         level_name=None if level_name is None else str(level_name),
         lat_descending=lat_descending, lon_min=lon_min, wrap_column_dropped=wrap,
-        level_squeezed=level_squeezed, periodic=_periodic(lon), global_lat=_global_lat(lat),
+        lon_rolled=rolled, level_squeezed=level_squeezed, periodic=_periodic(lon),
+        global_lat=_global_lat(lat),
         lat=tuple(map(float, lat)), lon=tuple(map(float, lon)),
         lat_attrs=lat_attrs, lon_attrs=lon_attrs, level_value=level_value,
         level_attrs=level_attrs, time_name=None if time_name == TIME else time_name,
@@ -253,7 +268,9 @@ def restore(ds: xr.Dataset, info: GridInfo) -> xr.Dataset:
     """Map a canonical Dataset back to the source convention described by ``info``.
 
     Longitudes are put back into ``[info.lon_min, info.lon_min + 360)`` (values already in
-    that window are kept bit for bit), latitude order reversed when the source was
+    that window are kept bit for bit) and sorted ascending, unless the source stored them
+    eastward across the window's end (:attr:`GridInfo.lon_rolled`: that order is kept, e.g.
+    ``170, 175, 180, -175, -170``), latitude order reversed when the source was
     descending, a squeezed level re-expanded (from the scalar ``level`` coordinate, else
     ``info.level_value``), names and coordinate attributes of the source restored, and
     ``year``/``dayofyear`` added by :func:`standardize` dropped.  Dimensions the Dataset
@@ -266,7 +283,7 @@ def restore(ds: xr.Dataset, info: GridInfo) -> xr.Dataset:
         if not inside.all():
             moved = np.where(inside, lon, info.lon_min + np.mod(lon - info.lon_min, 360.0))
             out = out.assign_coords({LON: (LON, moved.astype(lon.dtype), out[LON].attrs)})
-        if lon.size > 1 and not np.all(np.diff(out[LON].values) > 0):
+        if lon.size > 1 and not info.lon_rolled and not np.all(np.diff(out[LON].values) > 0):
             out = out.sortby(LON)
     if LAT in out.dims and info.lat_descending:
         out = out.isel({LAT: slice(None, None, -1)})
@@ -306,6 +323,11 @@ def _find_lat_lon(ds: xr.Dataset) -> tuple[str, str]:
             cands = [n for n, v in ds.variables.items() if str(n).lower() in names
                      and v.dtype.kind in "fiu" and _degrees(v.attrs.get("units"), True)
                      and v.size > 0 and np.nanmax(np.abs(v.values)) <= bound]
+            if any(ds[n].ndim > 1 for n in cands) and not any(
+                    ds[n].ndim == 1 and "units" in ds[n].attrs for n in cands):
+                # a 2-D lat/lon (nav_lat(y, x)) beside 1-D indices without units (y, x):
+                # curvilinear, refused below, not a grid of index values
+                cands = [n for n in cands if ds[n].ndim > 1]
         if not cands:
             raise ValueError(
                 f"no {key} coordinate found among {sorted(map(str, ds.variables))}: geodiff "
@@ -398,10 +420,15 @@ def _check_lat(lat: np.ndarray, name: str) -> bool:
 
 
 def _canonical_lon(lon: np.ndarray, name: str):
-    """Index order, new values (``None`` when unchanged), ``lon_min`` and wrap flag.
+    """Index order, new values (``None`` when unchanged), ``lon_min``, wrap and roll flags.
 
     The canonical longitudes are the source values sorted ascending inside the window
-    ``[lon_min, lon_min + 360)``, ``lon_min`` the source's smallest longitude.
+    ``[lon_min, lon_min + 360)``, ``lon_min`` the source's smallest longitude.  A grid that
+    is not periodic starts just after its largest gap modulo 360 instead and continues
+    eastward past the window's end, so that a region across the window's edge stays
+    contiguous (``170, 175, 180, -175, -170`` becomes ``170 .. 190``, ``350, 355, 0, 5``
+    becomes ``350 .. 365``).  The roll flag says that the source itself stored the
+    longitudes in that eastward order (see :attr:`GridInfo.lon_rolled`).
     """
     if lon.dtype.kind not in "fiu" or lon.size == 0 or not np.all(np.isfinite(lon)):
         raise ValueError(f"longitude {name!r} must be finite numbers, got {lon[:5]}...")
@@ -413,6 +440,7 @@ def _canonical_lon(lon: np.ndarray, name: str):
     wrap = bool(x.size > 2 and abs(abs(x[order[-1]] - x[order[0]]) - 360.0) <= 1e-3 * step)
     if wrap:
         order = order[:-1]
+    source_order = order
     lon_min = float(x[order].min())
     shifted = lon_min + np.mod(x[order] - lon_min, 360.0)
     inside = (x[order] >= lon_min) & (x[order] < lon_min + 360.0)
@@ -422,8 +450,16 @@ def _canonical_lon(lon: np.ndarray, name: str):
     if np.any(np.diff(values) <= 0):
         raise ValueError(f"longitude {name!r} has duplicate values modulo 360 in "
                          f"[{lon_min}, {lon_min + 360}); drop the duplicates first")
-    new = None if inside.all() else values.astype(lon.dtype)
-    return order, new, lon_min, wrap
+    rolled = False
+    if values.size > 1 and not _periodic(values):
+        gaps = np.diff(np.append(values, values[0] + 360.0))  # gaps[-1]: across the edge
+        start = (values.size - int(np.argmax(gaps[::-1]))) % values.size  # ties: the edge
+        if start:
+            order = np.roll(order, -start)
+            values = np.concatenate([values[start:], values[:start] + 360.0])
+            rolled = bool(np.array_equal(order, source_order))
+    new = None if np.array_equal(values, x[order]) else values.astype(lon.dtype)
+    return order, new, lon_min, wrap, rolled
 
 
 def _is_prefix(order: np.ndarray) -> bool:
@@ -486,8 +522,9 @@ def _mask_undeclared_fills(ds: xr.Dataset) -> xr.Dataset:
             hits = [s for s in sentinels if np.any(finite == s)]
             if hits:
                 warnings.warn(f"variable {name!r}: undeclared fill values {hits} treated as "
-                              "missing (they lie far outside the rest of the data); declare "
-                              "_FillValue in the file to silence this", stacklevel=3)
+                              "missing (they lie far outside the rest of the data, or below "
+                              "data that is otherwise never negative); declare _FillValue in "
+                              "the file to silence this", stacklevel=3)
         if da.dtype.kind != "f" and not sentinels:
             continue
         out = (da.dtype if da.dtype.kind == "f"
@@ -516,10 +553,11 @@ def _mask_fill_values(x: np.ndarray, sentinels: tuple[float, ...], dtype: np.dty
     lo, hi = float(x.min()), float(x.max())  # NaN if x has one: then the full test
     if -LARGE_FILL < lo and hi < LARGE_FILL and not any(lo <= s <= hi for s in sentinels):
         return x
+    wide = x.astype(np.float32) if x.dtype.itemsize < 4 else x  # 1e30 overflows float16
     with np.errstate(invalid="ignore"):
-        bad = np.abs(x) >= LARGE_FILL
+        bad = np.abs(wide) >= LARGE_FILL
     for value in sentinels:
-        bad |= x == value
+        bad |= wide == value
     if bad.any():
         x = np.where(bad, np.nan, x).astype(x.dtype, copy=False)
     return x
@@ -533,12 +571,14 @@ def _sample(da: xr.DataArray) -> np.ndarray:
 
 
 def _looks_like_fill(finite: np.ndarray, value: float) -> bool:
+    """Whether the (negative) sentinel ``value`` lies outside the other values of the sample
+    and either the gap to them exceeds their span or they are all >= 0."""
     others = finite[~np.isin(finite, SENTINEL_FILLS) & (np.abs(finite) < LARGE_FILL)]
     if others.size == 0:
         return bool(np.any(finite == value))
     lo, hi = others.min(), others.max()
     gap = lo - value if value < lo else value - hi if value > hi else -1.0
-    return bool(gap > hi - lo)
+    return bool(gap > 0 and (gap > hi - lo or (value < 0 <= lo)))
 
 
 def _add_calendar_coords(ds: xr.Dataset) -> xr.Dataset:

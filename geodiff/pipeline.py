@@ -128,29 +128,32 @@ def prepare_data(recipe: Recipe) -> DataBundle:
     padding = data.compute_padding(ds.sizes[grid.LAT], ds.sizes[grid.LON], multiple,
                                    info.periodic)
 
-    def dataset(split: xr.Dataset, name: str):
+    def dataset(split: xr.Dataset, name: str, with_mask: bool | None):
         if dc.reader == "tensorstore":  # the same split, read without dask, scaled per batch
             return data.FieldDataset(ts_splits[name], dc.variables, dc.sample_dims, cond_spec,
                                      recipe.conditioning, padding,
-                                     memory_budget_gb=dc.memory_budget_gb, scaler=scaler)
+                                     memory_budget_gb=dc.memory_budget_gb, scaler=scaler,
+                                     with_mask=with_mask)
         return data.FieldDataset(scaler.transform(split), dc.variables, dc.sample_dims,
                                  cond_spec, recipe.conditioning, padding,
-                                 memory_budget_gb=dc.memory_budget_gb)
+                                 memory_budget_gb=dc.memory_budget_gb, with_mask=with_mask)
 
     if dc.reader == "tensorstore":
         ts_splits = data.split_dataset(
             catalog.open_dataset(dc.source, catalog=dc.catalog, variables=list(dc.variables),
                                  reader="tensorstore"), recipe.split, dc.sample_dims)
-    train = dataset(splits["train"], "train")
-    val = (dataset(splits["val"], "val") if _n_samples(splits.get("val"), dc.sample_dims)
-           else None)
+    # the train split decides whether the network sees a validity-mask channel (it has
+    # NaNs); validation and generation (the checkpoint's fields) get the same inputs
+    train = dataset(splits["train"], "train", None)
+    val = (dataset(splits["val"], "val", train.with_mask)
+           if _n_samples(splits.get("val"), dc.sample_dims) else None)
     valid = np.stack([
         splits["train"][v].notnull().any([d for d in splits["train"][v].dims
                                           if d not in (grid.LAT, grid.LON)]).values
         for v in dc.variables])  # (C, lat, lon); one channel per variable (single level)
     return DataBundle(source=ds, splits=splits, scaler=scaler, cond_spec=cond_spec,
                       padding=padding, train=train, val=val, grid=info, valid=valid,
-                      fields=train[0]["fields"].clone(), sample_dims=tuple(dc.sample_dims),
+                      fields=_generation_fields(train, valid), sample_dims=tuple(dc.sample_dims),
                       variables=tuple(dc.variables),
                       var_attrs={v: _jsonable_attrs(ds[v].attrs) for v in dc.variables})
 
@@ -283,6 +286,21 @@ def _padding_from_dict(d: dict[str, Any]) -> Any:
     from geodiff.data import Padding
 
     return Padding(**d)
+
+
+def _generation_fields(train: Any, valid: np.ndarray) -> torch.Tensor:
+    """The network's extra input channels at generation time ``(F, H+, W+)``: those of the
+    first training sample, with the mask channel (if any) set to the pixels valid in some
+    training sample for every variable (``valid.all(0)``; 0 on the padding), as in training
+    a sample without gaps, not the first sample's own gaps."""
+    fields = train[0]["fields"].clone()
+    if train.with_mask:
+        p, (n_lat, n_lon) = train.padding, valid.shape[-2:]
+        mask = fields[train.field_names.index("mask")]  # (H+, W+), a view
+        mask.zero_()
+        mask[p.lat_before:p.lat_before + n_lat, p.lon_before:p.lon_before + n_lon] = (
+            torch.from_numpy(valid.all(axis=0).astype(np.float32)))
+    return fields
 
 
 def _n_samples(ds: xr.Dataset | None, sample_dims: tuple[str, ...]) -> int:

@@ -80,9 +80,22 @@ def _range_positions(ds: xr.Dataset, bounds: tuple[str, str] | None, name: str) 
     """
     if bounds is None:
         return np.zeros(0, dtype=np.int64)
-    lo, hi = (_date_parts(b, f"split.{name}") for b in bounds)
-    keys = [_time_parts(t) for t in np.ravel(ds[TIME].values)]
-    keep = [lo <= k[:len(lo)] and k[:len(hi)] <= hi for k in keys]
+    return time_positions(ds[TIME].values, bounds, f"split.{name}")
+
+
+def time_positions(times: np.ndarray, bounds: Sequence[Any], key: str) -> np.ndarray:
+    """Positions of ``times`` (datetime64 or cftime, any calendar) within the inclusive
+    partial-date ``bounds`` ``(start, stop)``, e.g. ``("1860", "1999-12-31")``; ``None`` is
+    an open end.
+
+    Compares ``(year, month, day, hour, minute, second)`` tuples truncated to the resolution
+    of each bound, so a bound need not be a valid date of the calendar (``"1999-12-31"`` on
+    a 360_day calendar ends at 1999-12-30). ``key`` names the bounds in error messages.
+    """
+    lo, hi = (None if b is None else _date_parts(b, key) for b in bounds)
+    keys = [_time_parts(t, key) for t in np.ravel(times)]
+    keep = [(lo is None or lo <= k[:len(lo)]) and (hi is None or k[:len(hi)] <= hi)
+            for k in keys]
     return np.flatnonzero(keep)
 
 
@@ -95,13 +108,14 @@ def _date_parts(text: str, key: str) -> tuple[int, ...]:
                          f"'1860-06' or '1860-06-01'") from None
 
 
-def _time_parts(t: Any) -> tuple[int, ...]:
+def _time_parts(t: Any, key: str) -> tuple[int, ...]:
     if isinstance(t, np.datetime64):
         t = t.astype("datetime64[s]").astype(object)
     try:
         return (t.year, t.month, t.day, t.hour, t.minute, t.second)
     except AttributeError:
-        raise ValueError(f"split kind 'time_ranges' needs a decoded time, got {t!r}") from None
+        raise ValueError(f"{key}: a date range needs decoded times (datetime64 or cftime), "
+                         f"got {t!r}") from None
 
 
 def _year_coord(ds: xr.Dataset) -> xr.DataArray:
@@ -227,7 +241,8 @@ class ConditionSpec:
                              f"{sorted(map(str, train_ds.coords))})")
         kwargs["labels"] = tuple(cfg.labels)
         kwargs["label_values"] = tuple(
-            tuple(_unique_in_order(np.ravel(train_ds.coords[lab].values))) for lab in cfg.labels)
+            _label_values(train_ds.coords[lab].values, lab, "conditioning.labels")
+            for lab in cfg.labels)
         return cls(**kwargs)
 
     @staticmethod
@@ -237,7 +252,9 @@ class ConditionSpec:
                              f"only {sorted(map(str, coords))}")
         value = coords[label]
         value = getattr(value, "values", value)
-        return _plain(value.item()) if np.ndim(value) == 0 and hasattr(value, "item") else value
+        if np.ndim(value) == 0:
+            return _plain(value.item() if isinstance(value, np.ndarray) else value)
+        return value
 
 
 def _time_feature_values(coords: Mapping[str, Any], name: str) -> Any:
@@ -286,4 +303,22 @@ def _unique_in_order(values: np.ndarray) -> list:
 
 
 def _plain(v: Any) -> Any:
-    return v.item() if isinstance(v, np.generic) else v
+    """Python value of a numpy scalar; bytes (a NetCDF char-array label such as ``b'A1B'``)
+    decoded to ``str``, so labels compare, look up and store in JSON as text."""
+    if isinstance(v, np.generic):
+        v = v.item()
+    return v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else v
+
+
+def _label_values(values: Any, name: str, key: str) -> tuple:
+    """Distinct values of label coordinate ``name`` in order of appearance, as plain ``str``,
+    ``int``, ``float`` or ``bool`` (they go into the checkpoint's JSON); ``key`` names the
+    setting in the error raised for any other type (dates, objects)."""
+    out = tuple(_unique_in_order(np.ravel(np.asarray(values))))
+    bad = [v for v in out if not isinstance(v, (str, int, float, bool))]
+    if bad:
+        raise ValueError(f"{key}: coordinate {name!r} has values {bad[:3]} of type "
+                         f"{type(bad[0]).__name__}; labels must be strings or numbers (they "
+                         f"are stored in the checkpoint). Convert them first, e.g. "
+                         f"ds.assign_coords({name}=ds[{name!r}].astype(str))")
+    return out

@@ -44,7 +44,7 @@ from numpy.polynomial import legendre
 
 from geodiff.config import ScalingConfig
 from geodiff.grid import LEVEL
-from geodiff.samples import _plain, _unique_in_order
+from geodiff.samples import _label_values, _plain
 
 _DEGREE, _DEGREE2, _LABEL, _PERIOD = "_degree", "_degree2", "_label", "_period"
 _FORMAT = "geodiff.Scaler"
@@ -159,7 +159,7 @@ class Scaler:
         self.t_scale = (hi - lo) / 2 if hi > lo else 1.0
         if cfg.trend_by is not None:
             lab = _label_coord(ds, cfg.trend_by, "fit")
-            self.labels = tuple(_unique_in_order(np.asarray(lab.values).ravel()))
+            self.labels = _label_values(lab.values, cfg.trend_by, "scaling.trend_by")
         if cfg.trend_smoothing is not None:
             self.anchors = np.unique(t)
 
@@ -299,21 +299,23 @@ class Scaler:
         """``center`` and ``half_range`` (shape of ``range_dims``) of the range scaling."""
         cfg = self.config
         dims = [d for d in a.dims if d not in range_dims]
-        if cfg.method == "standard":
-            mean, std = dask.compute(a.mean(dims, skipna=True), a.std(dims, skipna=True))
-            center, half = mean.values, cfg.n_std * std.values
-        else:
-            lo, hi = (v.values for v in dask.compute(a.min(dims, skipna=True),
-                                                     a.max(dims, skipna=True)))
+        with warnings.catch_warnings():  # all-NaN levels: reported below
+            warnings.simplefilter("ignore", RuntimeWarning)
+            if cfg.method == "standard":
+                mean, std = dask.compute(a.mean(dims, skipna=True), a.std(dims, skipna=True))
+                center, half = mean.values, cfg.n_std * std.values
+            else:
+                lo, hi = (v.values for v in dask.compute(a.min(dims, skipna=True),
+                                                         a.max(dims, skipna=True)))
+                center = lo + hi  # NaN where there is no finite value
+        _check_finite(np.asarray(center, np.float64), a, name, range_dims)
+        if cfg.method != "standard":
             if cfg.method == "quantile":
                 lo, hi = _histogram_quantiles(a, range_dims, lo, hi, cfg.quantiles)
             width = hi - lo
             lo, hi = lo - cfg.margin * width, hi + cfg.margin * width
             center, half = (lo + hi) / 2, (hi - lo) / 2
         center, half = np.asarray(center, np.float64), np.asarray(half, np.float64)
-        if not np.all(np.isfinite(center)):
-            raise ValueError(f"variable {name!r} has no finite values in the training split "
-                             f"(for some of {range_dims or 'its fields'}); cannot fit scaling")
         return center, np.where(half > 0, half, 1.0)
 
     # -- mean field (anomaly) ----------------------------------------------------------------
@@ -562,7 +564,7 @@ def _select_label(y: xr.DataArray, ds: xr.Dataset, name: str, label: Any) -> xr.
     lab = _label_coord(ds, name, "fit")
     if lab.ndim == 0:
         return y
-    return y.isel({lab.dims[0]: np.flatnonzero(np.asarray(lab.values) == label)})
+    return y.isel({lab.dims[0]: np.flatnonzero([_plain(v) == label for v in lab.values])})
 
 
 def _index_of(coord: xr.DataArray, known: tuple, name: str, action: str) -> xr.DataArray:
@@ -593,6 +595,27 @@ def _chunk_like(small: xr.DataArray, like: xr.DataArray) -> xr.DataArray:
     sizes = like.variable.chunksizes  # the data's chunks (coordinates may differ)
     chunks = {d: sizes[d] for d in small.dims if d in sizes}
     return small.chunk(chunks) if chunks else small
+
+
+def _check_finite(center: np.ndarray, a: xr.DataArray, name: str,
+                  range_dims: tuple[str, ...]) -> None:
+    """Raise ValueError naming the levels (or the variable) without any finite value."""
+    bad = ~np.isfinite(center)
+    if not bad.any():
+        return
+    if not range_dims:
+        raise ValueError(f"variable {name!r} has no finite values in the training split; "
+                         "cannot fit scaling. Check the split (split.*) and the variable's "
+                         "missing values")
+    dim = range_dims[0]
+    values = (_plain_list(a[dim].values) if dim in a.coords
+              else list(range(a.sizes[dim])))
+    missing = [v for v, b in zip(values, np.ravel(bad)) if b]
+    kept = [v for v, b in zip(values, np.ravel(bad)) if not b]
+    raise ValueError(f"variable {name!r} has no finite values in the training split at "
+                     f"{dim}={missing} (e.g. a pressure level below ground everywhere); "
+                     f"cannot fit its scaling. Keep only levels with data: levels={kept} "
+                     "(open_dataset(..., levels=...) or subset.levels of the catalog entry)")
 
 
 def _histogram_quantiles(a: xr.DataArray, range_dims: tuple[str, ...], lo: np.ndarray,

@@ -96,6 +96,26 @@ def test_merge_of_different_grids_is_a_clear_error(tmp_path: Path) -> None:
         catalog.open_dataset("wind", catalog=cat)
 
 
+def test_merge_of_sources_differing_in_latitude_order(tmp_path: Path) -> None:
+    """Each source is standardised before merging; the result restores to the first
+    source's convention (latitude north to south here)."""
+    lat = [10.0, 12.5, 15.0, 17.5, 20.0]
+    write(make_grid(var="u", lat=lat[::-1]), tmp_path / "u.nc")
+    write(make_grid(var="v", lat=lat), tmp_path / "v.nc")
+    cat = _catalog(tmp_path, {"name": "wind", "sources": [{"path": "u.nc"}, {"path": "v.nc"}]})
+    ds = catalog.open_dataset("wind", catalog=cat)
+    assert ds.lat.values.tolist() == lat and sorted(ds.data_vars) == ["u", "v"]
+    for var in ("u", "v"):
+        alone = grid.standardize(xr.open_dataset(tmp_path / f"{var}.nc"))
+        np.testing.assert_array_equal(ds[var].values, alone[var].values)
+    info = grid.grid_info(ds)
+    assert info.lat_descending and info.lat == tuple(lat)
+    back = grid.restore(ds, info)
+    assert back.lat.values.tolist() == lat[::-1]
+    np.testing.assert_array_equal(back["u"].values,
+                                  xr.open_dataset(tmp_path / "u.nc")["u"].values)
+
+
 def test_zarr_store(tmp_path: Path) -> None:
     store = write(make_grid(lat=[20.0, 15.0, 10.0]), tmp_path / "store.zarr")
     direct = catalog.open_dataset(str(store))
@@ -165,6 +185,26 @@ def test_subset_lon_crossing_the_window_edge(tmp_path: Path, global_file: Path) 
     assert grid.restore(ds, info).lon.values.tolist() == [0.0, 30.0, 300.0, 330.0]
     inside = catalog.open_dataset(str(global_file), lon=[-300, -240])  # = 60..120 E
     assert inside.lon.values.tolist() == [60.0, 90.0, 120.0]
+
+
+@pytest.mark.parametrize("time, n", [
+    (["1999-01-01", "1999-12-31"], 12),   # no 31st in a 360_day year: ends 1999-12-30
+    (["1999-02", "1999-12-31"], 11),
+    ([1999, 1999], 12),
+    (["1999-12-31", None], 1),            # open end
+    ([None, "1999-02-31"], 2),
+])
+def test_subset_time_on_360_day_calendar(global_file: Path, time: list, n: int) -> None:
+    ds = catalog.open_dataset(str(global_file), time=time)
+    assert ds.sizes["time"] == n
+    assert ds.time.values[0].calendar == "360_day"
+
+
+def test_subset_time_bound_that_is_no_date_names_subset_and_calendar(
+        global_file: Path) -> None:
+    with pytest.raises(CatalogError, match=r"subset time=\['1999-xx', '2000'\] bound "
+                                           r"'1999-xx' is not a date.*calendar '360_day'"):
+        catalog.open_dataset(str(global_file), time=["1999-xx", "2000"])
 
 
 @pytest.mark.parametrize("subset, message", [

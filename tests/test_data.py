@@ -165,6 +165,26 @@ def test_check_names_unseen_labels_and_years_outside_the_range():
         spec.vector({"year": 1900, "scenario": "B2"})
 
 
+def test_char_array_labels_are_str_in_the_spec_and_match_bytes_coordinates():
+    """Labels stored as NetCDF char arrays open as bytes (dtype S2): the spec holds str (JSON)
+    and still recognises the bytes values of the data."""
+    ds = make_ds(n_time=4).assign_coords(scenario=np.array([b"S0", b"S1"]))
+    cfg = ConditioningConfig(labels=("scenario",))
+    spec = ConditionSpec.from_config(cfg, ds)
+    assert spec.label_values == (("S0", "S1"),)
+    assert ConditionSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    np.testing.assert_array_equal(spec.vector({"scenario": np.bytes_(b"S1")}), [0.0, 1.0])
+    np.testing.assert_array_equal(spec.vector({"scenario": b"S0"}), [1.0, 0.0])
+    spec.check({"scenario": ds["scenario"]})
+    fd = FieldDataset(ds, ["tas"], SAMPLE_DIMS, spec, cfg, Padding())
+    assert fd.sample_coords(5)["scenario"] == "S1"
+    np.testing.assert_array_equal(fd[5]["cond"].numpy(), [0.0, 1.0])
+    dates = np.array([cftime.Datetime360Day(2000, 1, 1), cftime.Datetime360Day(2001, 1, 1)])
+    with pytest.raises(ValueError, match=r"conditioning.labels: coordinate 'scenario' has "
+                                         r"values .* of type Datetime360Day"):
+        ConditionSpec.from_config(cfg, ds.assign_coords(scenario=dates))
+
+
 # -- FieldDataset -----------------------------------------------------------------------------
 def build(ds: xr.Dataset, *, multiple: int = 4, cond: ConditioningConfig | None = None,
           **kwargs) -> FieldDataset:
@@ -224,6 +244,27 @@ def test_levels_become_channels_and_static_and_condition_fields_are_inputs():
         for got, ref in zip(streamed.__getitems__(batch), fd.__getitems__(batch), strict=True):
             for key in ("x", "weight", "fields", "cond", "index"):
                 assert torch.equal(got[key], ref[key]), key
+
+
+def test_static_fields_are_standardised_and_taken_at_the_data_grid(tmp_path):
+    """A global orography file stored north to south in -180..180 gives the data grid's
+    values (regional, 0..50 E, south to north) in the right place; another grid is refused."""
+    ds = make_ds(n_scen=1, seed=5)  # lat -40..40 (5), lon 0..50 (6)
+    lat, lon = np.linspace(40.0, -40.0, 5), np.arange(-180.0, 180.0, 10.0)
+    orog = 1000.0 * lat[:, None] + lon[None, :]  # (lat, lon): where each value comes from
+    xr.Dataset({"orog": (("latitude", "longitude"), orog)},
+               coords={"latitude": ("latitude", lat, {"units": "degrees_north"}),
+                       "longitude": ("longitude", lon, {"units": "degrees_east"})}
+               ).to_netcdf(tmp_path / "orog.nc")
+    static = xr.open_dataset(tmp_path / "orog.nc")
+    cond = ConditioningConfig(coord_channels=False, static_fields=("orog",))
+    fd = build(ds, cond=cond, multiple=1, static=static)
+    expect = 1000.0 * ds["lat"].values[:, None] + ds["lon"].values[None, :]
+    np.testing.assert_array_equal(fd[0]["fields"][0].numpy(), expect.astype(np.float32))
+    shifted = static.assign_coords(latitude=static["latitude"] + 1.0)
+    with pytest.raises(ValueError, match=r"static fields are not on the data grid: 5 of the "
+                                         r"data's 5 lat values \(e.g. \[-40.0, -20.0, 0.0\]\)"):
+        build(ds, cond=cond, static=shifted)
 
 
 def test_streamed_dataset_equals_in_memory_and_works_with_two_workers(tmp_path):

@@ -106,6 +106,33 @@ def test_non_monotonic_lon_is_sorted(tmp_path: Path, lon, lon_min, canonical) ->
     np.testing.assert_array_equal(grid.restore(std, info).lon.values, canonical)
 
 
+@pytest.mark.parametrize("lon, canonical, order, rolled", [
+    ([170.0, 175.0, 180.0, -175.0, -170.0], [170.0, 175.0, 180.0, 185.0, 190.0],
+     [0, 1, 2, 3, 4], True),                                   # eastward across the dateline
+    ([-175.0, -170.0, 170.0, 175.0, 180.0], [170.0, 175.0, 180.0, 185.0, 190.0],
+     [2, 3, 4, 0, 1], False),                                  # the same, sorted by value
+    ([350.0, 355.0, 0.0, 5.0], [350.0, 355.0, 360.0, 365.0], [0, 1, 2, 3], True),  # Greenwich
+    ([0.0, 5.0, 350.0, 355.0], [350.0, 355.0, 360.0, 365.0], [2, 3, 0, 1], False),
+])
+def test_regional_grid_across_the_window_end_stays_contiguous(tmp_path: Path, lon, canonical,
+                                                               order, rolled) -> None:
+    """Not periodic: the window starts after the largest gap, neighbours stay neighbours,
+    and restore gives back the source's longitudes in the source's order."""
+    src = open_raw(write(make_grid(lon=lon), tmp_path / "region.nc"))
+    std = grid.standardize(src)
+    info = grid.grid_info(std)
+    assert std.lon.values.tolist() == canonical and info.lon == tuple(canonical)
+    assert (info.lon_min, info.lon_rolled, info.periodic) == (min(lon), rolled, False)
+    np.testing.assert_array_equal(std["tas"].values, src["tas"].isel(lon=order).values)
+    xr.testing.assert_identical(grid.restore(std, info).compute(), src.compute())
+    # a subset across the dateline stays contiguous too, and restores to source values
+    sub = catalog.apply_subset(std, catalog.Subset(lon=(canonical[1], canonical[3])))
+    assert sub.lon.values.tolist() == canonical[1:4]
+    source_values = np.array(lon)[order][1:4].tolist()
+    assert grid.restore(sub, grid.grid_info(sub)).lon.values.tolist() == (
+        source_values if rolled else sorted(source_values))
+
+
 @settings(max_examples=40, deadline=None)
 @given(start=st.integers(-36, 71).map(lambda k: 5.0 * k),
        step=st.sampled_from([2.5, 5.0, 11.25, 22.5, 45.0]),
@@ -251,6 +278,36 @@ def test_sentinel_in_integer_field(tmp_path: Path) -> None:
     assert got[2, 4, 6] == counts[2, 4, 6]
 
 
+def test_sentinel_below_never_negative_data_is_nan(tmp_path: Path) -> None:
+    """-999 in surface pressure in Pa (50000..105000): the gap (50999) is under the span
+    (55000), but the data is never negative, so -999 is fill."""
+    ps = np.linspace(50000.0, 105000.0, 4 * 40).reshape(4, 5, 8).astype(np.float32)
+    ps[:, 0, :3] = -999.0
+    ds = make_grid(n_time=4)
+    ds["tas"] = (ds["tas"].dims, ps, {"units": "Pa"})
+    path = write(ds, tmp_path / "ps.nc", {"tas": {"_FillValue": None}})
+    with pytest.warns(UserWarning, match=r"\[-999.0\]"):
+        got = grid.standardize(open_raw(path))["tas"].values
+    assert np.isnan(got).sum() == 4 * 3 and np.isnan(got[:, 0, :3]).all()
+    assert np.nanmin(got) == ps[ps > 0].min()
+
+
+def test_float16_data_is_masked_without_warnings(tmp_path: Path) -> None:
+    x = np.ones((4, 5, 8), np.float16)
+    x[0, 0, 0], x[1, 2, 3] = np.nan, -999.0
+    ds = make_grid(n_time=4)
+    ds["tas"] = (ds["tas"].dims, x)
+    store = write(ds.chunk({"time": 1}), tmp_path / "half.zarr")
+    with pytest.warns(UserWarning, match=r"\[-999.0\]"):
+        std = grid.standardize(xr.open_zarr(store))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "overflow encountered in cast" per block
+        got = std["tas"].values
+    assert got.dtype == np.float16
+    assert np.isnan(got[0, 0, 0]) and np.isnan(got[1, 2, 3]) and np.isnan(got).sum() == 2
+    assert np.nansum(got) == 4 * 40 - 2
+
+
 def test_declared_fill_needs_no_heuristic(tmp_path: Path) -> None:
     ds = make_grid()
     ds["tas"][0, 1, 1] = np.nan
@@ -329,6 +386,24 @@ def test_unsupported_grids_are_refused(make, kind) -> None:
     with pytest.raises(ValueError, match=kind) as err:
         grid.standardize(make())
     assert "1-D latitude and longitude" in str(err.value) and "xESMF" in str(err.value)
+
+
+@pytest.mark.parametrize("lat_name, lon_name, units", [
+    ("lat", "lon", False), ("nav_lat", "nav_lon", False), ("nav_lat", "nav_lon", True)])
+def test_curvilinear_beside_index_coordinates_is_refused(tmp_path: Path, lat_name, lon_name,
+                                                         units) -> None:
+    """2-D lat/lon (NEMO's nav_lat(y, x)) next to 1-D integer y/x without units: not a
+    regular grid of index values, and not a rename error either."""
+    y, x = np.meshgrid(np.arange(4.0), np.arange(6.0), indexing="ij")
+    attrs = (LAT_UNITS, LON_UNITS) if units else ({}, {})
+    ds = xr.Dataset({"t": (("time", "y", "x"), np.zeros((2, 4, 6)))},
+                    coords={"time": [0.0, 1.0], "y": np.arange(4), "x": np.arange(6),
+                            lat_name: (("y", "x"), 40 + y + 0.1 * x, attrs[0]),
+                            lon_name: (("y", "x"), 10 + x, attrs[1])})
+    with pytest.raises(ValueError, match=f"curvilinear grid: latitude '{lat_name}' has dims "
+                                         r"\('y', 'x'\)") as err:
+        grid.standardize(open_raw(write(ds, tmp_path / "curvilinear.nc")))
+    assert "xESMF" in str(err.value)
 
 
 def test_scalar_latitude_is_refused() -> None:

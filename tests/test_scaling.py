@@ -318,6 +318,61 @@ def test_all_nan_variable_cannot_be_fitted():
         fit(ds)
 
 
+@pytest.mark.parametrize("method", ["minmax", "standard", "quantile"])
+def test_all_nan_level_names_the_level_and_the_levels_to_keep(method):
+    """A level without data in the training split (below ground): a clear error, not
+    numpy's 'supplied range of [nan, nan] is not finite' from the quantile histogram."""
+    ds = make_ds(levels=(1000.0, 850.0, 500.0), seed=18)
+    ds["tas"][:, :, 0] = np.nan
+    with pytest.raises(ValueError, match=r"'tas' has no finite values in the training split at "
+                                         r"level=\[1000.0\].*levels=\[850.0, 500.0\]"):
+        fit(ds, method=method)
+
+
+def _char_label_file(path) -> xr.Dataset:
+    """A NetCDF file whose 'scenario' labels are a char array without ``_Encoding`` (as
+    non-xarray tools write them): xarray opens them as bytes (dtype S3)."""
+    import netCDF4
+
+    rng = np.random.default_rng(19)
+    with netCDF4.Dataset(path, "w") as nc:
+        for dim, n in (("scenario", 2), ("time", 6), ("lat", 3), ("lon", 4), ("strlen", 3)):
+            nc.createDimension(dim, n)
+        s = nc.createVariable("scenario", "S1", ("scenario", "strlen"))
+        s[:] = netCDF4.stringtochar(np.array(["A1B", "E1 "], "S3"))
+        t = nc.createVariable("time", "f8", ("time",))
+        t.units, t.calendar = "days since 2000-01-01", "360_day"
+        t[:] = np.arange(6) * 360
+        nc.createVariable("lat", "f8", ("lat",))[:] = [-10.0, 0.0, 10.0]
+        nc.createVariable("lon", "f8", ("lon",))[:] = [0.0, 90.0, 180.0, 270.0]
+        nc.createVariable("tas", "f4", ("scenario", "time", "lat", "lon"))[:] = (
+            280 + rng.standard_normal((2, 6, 3, 4)))
+    ds = xr.open_dataset(path)
+    assert ds.scenario.dtype == "S3"
+    return ds.assign_coords(year=ds.time.dt.year)
+
+
+def test_char_array_labels_are_decoded_to_str_and_serialise(tmp_path):
+    ds = _char_label_file(tmp_path / "scen.nc")
+    scaler = fit(ds, anomaly="trend", trend_by="scenario", trend_degree=1)
+    assert scaler.labels == ("A1B", "E1 ")
+    back = Scaler.from_dict(json.loads(json.dumps(scaler.to_dict())))
+    assert back.labels == ("A1B", "E1 ")
+    z = back.transform(ds)  # bytes labels of the data find their str labels
+    xr.testing.assert_allclose(back.inverse(z)["tas"], ds["tas"], rtol=0, atol=1e-4)
+    # each scenario gets its own least-squares line: anomalies average to 0 over time
+    np.testing.assert_allclose(anomaly(back, ds).mean(axis=1), 0.0, atol=1e-5)
+
+
+def test_labels_that_cannot_be_stored_fail_at_fit_not_at_checkpoint():
+    ds = make_ds(seed=20)
+    runs = [cftime.Datetime360Day(2000, 1, 1), cftime.Datetime360Day(2001, 1, 1)]
+    ds = ds.assign_coords(scenario=np.array(runs, dtype=object))
+    with pytest.raises(ValueError, match=r"scaling.trend_by: coordinate 'scenario' has values "
+                                         r".* of type Datetime360Day.*astype\(str\)"):
+        fit(ds, anomaly="trend", trend_by="scenario", trend_degree=1)
+
+
 # -- bounded memory on a larger-than-cap Zarr store ---------------------------------------
 def test_fit_on_zarr_store_larger_than_memory_cap(tmp_path):
     """Fit streams a 210 MB store in 2 MB chunks; the traced peak stays under a 50 MB cap.

@@ -153,6 +153,38 @@ def test_resume_against_other_grid_says_what_differs(tmp_path):
         Trainer(moved, tmp_path / "run", resume=True, progress=False)
 
 
+def test_mask_channel_is_decided_by_the_train_split_for_val_and_generation(tmp_path):
+    """One missing pixel in one training year only: validation and generation get the mask
+    channel too (the network has one input more), and generation's mask marks every pixel
+    valid in training as valid, not the first sample's own gaps."""
+    from geodiff.ensemble import generate_ensemble
+    from geodiff.pipeline import load_model, prepare_data
+
+    src = xr.open_dataset(toy_field_file(tmp_path / "clean.nc", land=False)).load()
+    src["tas"][1, 2, 5] = np.nan  # 1901: a training year (val is 1936..1939)
+    src["tas"][0, 3, 4] = np.nan  # 1900: the first training sample has a gap too
+    src.to_netcdf(tmp_path / "gap.nc")
+    recipe = toy_recipe(tmp_path, data=tmp_path / "gap.nc",
+                        training={"steps": 2, "checkpoint_every": 2, "val_every": 1})
+    bundle = prepare_data(recipe)
+    names = ["sin_lat", "cos_lat", "sin_lon", "cos_lon", "mask"]
+    assert bundle.train.field_names == bundle.val.field_names == names
+    assert bundle.spec["in_channels"] == 1 + 5
+    assert bool(torch.isnan(torch.stack([bundle.val[i]["x"] for i in range(len(bundle.val))])
+                            ).any()) is False
+    assert torch.equal(bundle.val[0]["fields"][4], torch.ones(8, 16))  # no gap in val
+    assert torch.equal(bundle.fields[4], torch.ones(8, 16))  # 8 x 16: no padding here
+    first = bundle.train[0]["fields"][4]  # its own gap: latitude row 3 of 8, north first
+    assert first[8 - 1 - 3, 4] == 0.0 and first.sum() == 8 * 16 - 1
+    result = train(recipe, tmp_path / "run", progress=False)
+    assert np.isfinite(result.val_loss)
+    model = load_model(result.checkpoint, device="cpu")
+    assert model.fields.shape == (5, 8, 16) and torch.equal(model.fields, bundle.fields)
+    ens = generate_ensemble(model, members=1, conditions={"time": src.time.values[:1]},
+                            steps=2, progress=False)
+    assert ens["tas"].shape == (1, 1, 8, 16) and not bool(ens["tas"].isnull().any())
+
+
 def test_batch_order_and_lr_schedule_are_pure_functions_of_the_step():
     a = batch_indices(10, 4, seed=3, step=5)
     assert np.array_equal(a, batch_indices(10, 4, seed=3, step=5))
