@@ -8,8 +8,9 @@ their dimension, strictly monotonic, no missing values); latitude/longitude reco
 ``units`` (CF 4.1/4.2) with values in range; a time coordinate with CF ``units``
 ("<unit> since <date>") and a known ``calendar`` (CF 4.4); the ensemble dimension labelled
 ``standard_name = realization`` (CF standard-name table); data variables with ``units``;
-``_FillValue`` of the variable's type; ``coordinates`` attributes that name existing
-variables; attribute types. cf_xarray then has to find the X and Y axes, which is how
+``_FillValue`` of the variable's type; ``coordinates``, ``bounds``, ``grid_mapping`` and
+``ancillary_variables`` attributes (of any variable) that name existing variables; attribute
+types. cf_xarray then has to find the X and Y axes, which is how
 downstream tools will read the file.
 """
 
@@ -83,14 +84,21 @@ def cf_problems(path_or_ds: str | Path | xr.Dataset) -> list[str]:
         if fill is not None and np.asarray(fill).dtype.kind != var.dtype.kind:
             problems.append(f"{name!r}: _FillValue type {np.asarray(fill).dtype} differs from "
                             f"the variable's {var.dtype}")
-        for coord in str(var.attrs.get("coordinates", "")).split():
-            if coord not in ds.variables:
-                problems.append(f"{name!r}: coordinates attribute names missing {coord!r}")
         for key, value in var.attrs.items():
             if isinstance(value, (dict, list)) or value is None:
                 problems.append(f"{name!r}: attribute {key!r} has non-netCDF type")
+    for name, var in ds.variables.items():
+        for key in _REFERENCES:
+            for ref in str(var.attrs.get(key, "")).split():
+                ref = ref.rstrip(":")  # grid_mapping's extended form "crs: lat lon"
+                if ref and ref not in ds.variables:
+                    problems.append(f"{name!r}: {key} attribute names missing variable {ref!r}")
     problems += _cf_xarray_axes(path_or_ds)
     return problems
+
+
+_REFERENCES = ("coordinates", "bounds", "grid_mapping", "ancillary_variables")
+"""Attributes whose words name other variables of the file (CF 5, 7.1, 5.6, 3.4)."""
 
 
 def _open_raw(path_or_ds: str | Path | xr.Dataset) -> xr.Dataset:

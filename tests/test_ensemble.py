@@ -276,8 +276,12 @@ def test_cf_check_flags_broken_files(trained, tmp_path):
     lat[[0, 1]] = lat[[1, 0]]
     raw = raw.assign_coords(latitude=("latitude", lat, raw["latitude"].attrs))
     del raw["tas"].attrs["units"]
+    raw["tas"].attrs["grid_mapping"] = "latitude_longitude"  # as iris files say: no such var
+    raw["latitude"].attrs["bounds"] = "latitude_bnds"
     problems = cf_problems(raw)
-    for fragment in ("Conventions", "realization", "not strictly monotonic", "no units"):
+    for fragment in ("Conventions", "realization", "not strictly monotonic", "no units",
+                     "grid_mapping attribute names missing variable 'latitude_longitude'",
+                     "bounds attribute names missing variable 'latitude_bnds'"):
         assert any(fragment in p for p in problems), (fragment, problems)
 
 
