@@ -109,24 +109,43 @@ def to_dataset(model: LoadedModel, x: np.ndarray, members: Sequence[int],
     lat, lon = np.asarray(model.grid.lat), np.asarray(model.grid.lon)
     x = x.reshape(m, *shape, x.shape[-3], lat.size, lon.size)  # (M, *cells, C, lat, lon)
     data_vars = {}
-    var_attrs = model.meta.get("var_attrs", {})
     for ci, name in enumerate(model.channel_names):
         data_vars[name] = ([MEMBER, *dims, LAT, LON], x[..., ci, :, :].astype(np.float32),
-                           dict(var_attrs.get(name, {})))
+                           variable_attrs(model, name))
     coords = {MEMBER: (MEMBER, np.asarray(members, dtype=np.int32)), LAT: lat, LON: lon,
-              **{k: v for k, v in cells.coords.items()}}
+              **{k: (v.dims, v.values, _drop_references(v.attrs))
+                 for k, v in cells.coords.items()}}
     ds = xr.Dataset(data_vars, coords=coords)
     ds = model.scaler.inverse(ds)
     valid = xr.DataArray(model.valid, dims=("channel", LAT, LON))
     for ci, name in enumerate(model.channel_names):
         ds[name] = ds[name].where(valid.isel(channel=ci).values).astype(np.float32)
-        ds[name].attrs = dict(var_attrs.get(name, {}))
+        ds[name].attrs = variable_attrs(model, name)
     ds[MEMBER].attrs = {"standard_name": "realization", "long_name": "ensemble member",
                         "units": "1"}
     out = restore(ds, model.grid)
     for name, axis in ((model.grid.lat_name, "Y"), (model.grid.lon_name, "X")):
         out[name].attrs.setdefault("axis", axis)  # CF 4: lets every reader find the axes
     return out
+
+
+OUTPUT_ATTRS = ("standard_name", "long_name", "units", "cell_methods")
+"""Attributes of a source variable that still describe the generated one. The rest (the
+source model's ``source``, ``grid_mapping``/``bounds`` naming variables the file does not
+have, packing, valid ranges, vendor keys) would be false or dangling there."""
+
+
+def variable_attrs(model: LoadedModel, name: str) -> dict[str, Any]:
+    """CF attributes of generated variable ``name``: the source's :data:`OUTPUT_ATTRS`."""
+    source = model.meta.get("var_attrs", {}).get(name, {})
+    return {k: source[k] for k in OUTPUT_ATTRS if k in source}
+
+
+def _drop_references(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """A condition coordinate's attributes without those naming other variables
+    (``bounds: time_bnds``): the generated file carries the coordinate, not its bounds."""
+    return {k: v for k, v in attrs.items()
+            if k not in ("bounds", "grid_mapping", "ancillary_variables", "coordinates")}
 
 
 def _provenance(model: LoadedModel, *, sampler: str, steps: int, guidance: float, seed: int,
@@ -140,7 +159,7 @@ def _provenance(model: LoadedModel, *, sampler: str, steps: int, guidance: float
         "source": f"geodiff {__version__}",
         "history": f"{now}: geodiff {kind} {model.path.name} sampler={sampler} steps={steps} "
                    f"guidance={guidance} seed={seed}",
-        "geodiff_checkpoint": str(model.path),
+        "geodiff_checkpoint": str(Path(model.path).resolve()),
         "geodiff_checkpoint_sha256": checkpoint_hash(model.path),
         "geodiff_recipe": model.recipe.name,
         "geodiff_sampler": sampler,
@@ -199,6 +218,20 @@ def _denoiser_for(model: LoadedModel, fields: torch.Tensor, cond: torch.Tensor,
         return net(x, sigma, fields, cond, drop)
 
     return guided(d_cond, d_uncond, guidance)
+
+
+def check_guidance(model: LoadedModel, guidance: float) -> None:
+    """Refuse classifier-free guidance (``guidance != 1``) a model cannot do: one without a
+    condition vector, or one trained without condition dropout, whose unconditional branch
+    was never trained (Ho & Salimans 2022)."""
+    if not model.cond_spec.dim:
+        raise ValueError(f"guidance={guidance}: the model in {model.path} is unconditional (no "
+                         "condition vector), so there is nothing to guide; use guidance=1")
+    if model.recipe.conditioning.dropout <= 0:
+        raise ValueError(f"guidance={guidance}: the model in {model.path} was trained with "
+                         "conditioning.dropout=0, so its unconditional branch was never "
+                         "trained; use guidance=1, or train with conditioning.dropout > 0 "
+                         "(e.g. 0.1)")
 
 
 def sample_items(model: LoadedModel, items: Sequence[tuple[int, int]], cond_vectors: np.ndarray,
@@ -281,6 +314,8 @@ def generate_ensemble(checkpoint: str | Path | LoadedModel, members: int | None 
         raise ValueError(f"{steps=} and {batch_size=} must be >= 1")
     if compute_batch is not None and compute_batch < 1:
         raise ValueError(f"{compute_batch=} must be >= 1 (or None for whole batches)")
+    if guidance != 1.0:
+        check_guidance(model, guidance)
     if timesteps is not None:
         from geodiff.sampling import checked_timesteps
 
@@ -323,16 +358,31 @@ def generate_ensemble(checkpoint: str | Path | LoadedModel, members: int | None 
     request = {"members": members,
                "cells": [{k: str(v) for k, v in c.items()} for c in cell_dicts]}
     return emit(block_dataset, blocks, members, attrs, out=out, request=request,
-                overwrite=overwrite, dist=dist, progress=progress)
+                overwrite=overwrite, dist=dist, progress=progress,
+                layout=lambda: layout_dataset(model, cells))
+
+
+def layout_dataset(model: LoadedModel, cells: xr.Dataset) -> xr.Dataset:
+    """A one-member Dataset with the dims, coordinates and attributes every generated slab
+    has (values meaningless): :func:`to_dataset` of zeros, so the output file's template
+    costs no sampling."""
+    n_cells = int(np.prod([cells.sizes[d] for d in cells.dims]))
+    h, w = len(model.grid.lat), len(model.grid.lon)
+    zeros = np.zeros((1, n_cells, len(model.channel_names), h, w), np.float32)
+    return to_dataset(model, zeros, [0], cells)
 
 
 def emit(block_dataset, blocks: list[list[int]], members: int, attrs: dict[str, Any], *,
          out: str | Path | None, request: dict[str, Any], overwrite: bool, dist=None,
-         progress: bool = True) -> xr.Dataset | Path:
+         progress: bool = True, layout=None) -> xr.Dataset | Path:
     """Run ``block_dataset`` over member blocks; concatenate in memory or stream to ``out``.
 
-    Under torchrun (``dist.world > 1``) block b is generated by rank ``b % world``; rank 0
-    writes the template and renames the finished store.
+    ``layout()`` returns a one-member Dataset shaped like the slabs (default: the first
+    member block itself, generated once more) for the output file's template. Under
+    torchrun (``dist.world > 1``) block b is generated by rank ``b % world``; rank 0 writes
+    the template and renames the finished store. The resume key is ``request`` plus the
+    ``geodiff_*`` attributes, except the checkpoint's path (its SHA-256 identifies it, so
+    the same run given by another path resumes).
     """
     from geodiff.runtime import barrier
 
@@ -348,11 +398,12 @@ def emit(block_dataset, blocks: list[list[int]], members: int, attrs: dict[str, 
         ds.attrs.update(attrs)
         return ds
     out = Path(out)
-    request = {k: v for k, v in attrs.items() if k.startswith("geodiff_")} | request
+    request = {k: v for k, v in attrs.items()
+               if k.startswith("geodiff_") and k != "geodiff_checkpoint"} | request
     writer = EnsembleWriter(out, request, rank=rank)
     done = writer.members_done(world)
     if rank == 0 and not done:
-        template = _template(block_dataset([0]), members)
+        template = _template(layout() if layout is not None else block_dataset([0]), members)
         template.attrs.update(attrs)
         writer.create(template, _encoding(template, out))
     barrier(dist)
@@ -373,15 +424,20 @@ def emit(block_dataset, blocks: list[list[int]], members: int, attrs: dict[str, 
 
 
 def _template(first: xr.Dataset, members: int) -> xr.Dataset:
-    """All-NaN Dataset with ``members`` members, coordinates and attrs of ``first``."""
+    """All-NaN Dataset with ``members`` members, coordinates and attrs of ``first``.
+
+    The data are lazy (dask, one chunk per member), and only the coordinates are reindexed,
+    so building it allocates nothing of the ensemble's size.
+    """
     import dask.array as da
 
-    out = first.isel({MEMBER: [0]}).reindex({MEMBER: np.arange(members, dtype=np.int32)})
-    for name in out.data_vars:
-        v = out[name]
-        out[name] = (v.dims, da.full(v.shape, np.nan, dtype=np.float32,
+    coords = first.drop_vars(list(first.data_vars)).isel({MEMBER: [0]})
+    out = coords.reindex({MEMBER: np.arange(members, dtype=np.int32)})
+    for name, v in first.data_vars.items():
+        shape = tuple(members if d == MEMBER else first.sizes[d] for d in v.dims)
+        out[name] = (v.dims, da.full(shape, np.nan, dtype=np.float32,
                                      chunks=tuple(1 if d == MEMBER else s
-                                                  for d, s in zip(v.dims, v.shape))), v.attrs)
+                                                  for d, s in zip(v.dims, shape))), v.attrs)
     out[MEMBER].attrs = dict(first[MEMBER].attrs)
     return out
 

@@ -14,7 +14,16 @@ import numpy as np
 import torch
 import xarray as xr
 
-from geodiff.ensemble import _cell_dicts, _provenance, emit, fixed_batch, member_seed, to_dataset
+from geodiff.ensemble import (
+    _cell_dicts,
+    _provenance,
+    emit,
+    fixed_batch,
+    layout_dataset,
+    member_seed,
+    to_dataset,
+    variable_attrs,
+)
 from geodiff.io import MEMBER, check_output_path
 from geodiff.pipeline import LoadedModel, load_model
 
@@ -125,9 +134,10 @@ def fill_gaps(checkpoint: str | Path | LoadedModel, observed: xr.Dataset, member
         for v in model.channel_names:  # observed pixels exactly as given
             o = restored_obs[v]
             ds[v] = xr.where(o.notnull(), o, ds[v]).transpose(*ds[v].dims).astype(np.float32)
-            ds[v].attrs = dict(model.meta.get("var_attrs", {}).get(v, {}))
+            ds[v].attrs = variable_attrs(model, v)
         ds[MEMBER].attrs = member_attrs  # xr.where drops coordinate attributes
         return ds
 
     return emit(block_dataset, blocks, members, attrs, out=out, request={"members": members},
-                overwrite=overwrite, progress=progress)
+                overwrite=overwrite, progress=progress,
+                layout=lambda: layout_dataset(model, cells))

@@ -18,6 +18,7 @@ import xarray as xr
 
 from geodiff import checkpoint as ckpt
 from geodiff.ensemble import generate_ensemble
+from geodiff.ensemble import sample_items as _SAMPLE_ITEMS
 from geodiff.gapfill import fill_gaps
 from geodiff.pipeline import load_model
 from geodiff.train import train
@@ -285,8 +286,16 @@ def test_cf_check_flags_broken_files(trained, tmp_path):
         assert any(fragment in p for p in problems), (fragment, problems)
 
 
+def _guidable(model):
+    """The model with a recipe that claims condition dropout, so that guidance is allowed:
+    these tests check batching of the guided network calls, not what guidance does."""
+    cond = dataclasses.replace(model.recipe.conditioning, dropout=0.1)
+    return dataclasses.replace(model, recipe=dataclasses.replace(model.recipe,
+                                                                 conditioning=cond))
+
+
 def test_compute_batch_makes_members_identical_whatever_batch_size(trained):
-    model = load_model(trained["run"])
+    model = _guidable(load_model(trained["run"]))
     sc = model.recipe.sampling
     fixed = dataclasses.replace(model, recipe=dataclasses.replace(
         model.recipe, sampling=dataclasses.replace(sc, compute_batch=4)))
@@ -330,3 +339,90 @@ def test_gap_filling_honours_compute_batch(trained):
     hook.remove()
     assert set(shapes) == {4}
     np.testing.assert_array_equal(runs[0], runs[1])
+
+
+def test_guidance_needs_a_model_trained_with_condition_dropout(trained, tmp_path):
+    with pytest.raises(ValueError, match="trained with conditioning.dropout=0"):
+        generate_ensemble(trained["run"], 2, trained["held_out"], guidance=2.0,
+                          out=tmp_path / "g.nc", progress=False)
+    assert not list(tmp_path.iterdir())
+
+
+class Killed(Exception):
+    """Stands for the process being killed mid-run."""
+
+
+def _count_items(monkeypatch, fail_after=None):
+    """Patch ensemble.sample_items to record how many (cell, member) items each call draws
+    (and to be killed after ``fail_after`` calls)."""
+    import geodiff.ensemble as ens_mod
+
+    calls = []
+
+    def counted(model, items, *args, **kwargs):
+        if fail_after is not None and len(calls) == fail_after:
+            raise Killed
+        calls.append(len(items))
+        return _SAMPLE_ITEMS(model, items, *args, **kwargs)
+
+    monkeypatch.setattr(ens_mod, "sample_items", counted)
+    return calls
+
+
+def test_file_output_draws_each_member_once(trained, tmp_path, monkeypatch):
+    calls = _count_items(monkeypatch)
+    generate_ensemble(trained["run"], 4, trained["held_out"], batch_size=3, progress=False)
+    in_memory = sum(calls)
+    calls.clear()
+    generate_ensemble(trained["run"], 4, trained["held_out"], batch_size=3,
+                      out=tmp_path / "e.zarr", progress=False)
+    assert sum(calls) == in_memory == 4 * 3  # no member drawn again for the file's layout
+
+
+def test_resume_is_keyed_on_the_checkpoint_not_on_the_path_typed(trained, tmp_path,
+                                                                    monkeypatch):
+    run = Path(trained["run"])
+    monkeypatch.chdir(run.parent)
+    out = tmp_path / "e.nc"
+    _count_items(monkeypatch, fail_after=2)  # killed after 2 of 6 one-member blocks
+    with pytest.raises(Killed):
+        generate_ensemble(run.name, 6, trained["held_out"], batch_size=3, out=out,
+                          progress=False)
+    calls = _count_items(monkeypatch)
+    generate_ensemble(run.resolve(), 6, trained["held_out"], batch_size=3, out=out,
+                      progress=False)
+    assert sum(calls) == 4 * 3  # the 2 members on disk were kept, 4 drawn
+    with xr.open_dataset(out) as ds:
+        assert ds.attrs["geodiff_checkpoint"] == str(ckpt.latest_checkpoint(run).resolve())
+        ref = generate_ensemble(run, 6, trained["held_out"], batch_size=3, progress=False)
+        np.testing.assert_array_equal(ds["tas"].values, ref["tas"].values)
+
+
+def test_file_template_allocates_nothing_of_the_ensembles_size():
+    import tracemalloc
+
+    from geodiff.ensemble import _template
+
+    first = xr.Dataset({"tas": (("member", "time", "lat", "lon"),
+                                np.zeros((1, 4, 16, 32), np.float32))},
+                       coords={"member": [0], "time": np.arange(4)})
+    tracemalloc.start()
+    template = _template(first, 4000)  # 4000 members: 33 MB as float32
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert template["tas"].shape == (4000, 4, 16, 32) and template["tas"].chunks[0][0] == 1
+    assert peak < 2_000_000, peak
+
+
+def test_generated_variables_keep_only_attributes_that_describe_them(trained):
+    model = load_model(trained["run"])
+    source_attrs = {"units": "K", "standard_name": "air_temperature", "long_name": "t",
+                    "grid_mapping": "latitude_longitude", "source": "Met Office UM",
+                    "ukmo__um_stash_source": "m01s03i236", "valid_max": 400.0}
+    model = dataclasses.replace(model, meta={**model.meta, "var_attrs": {"tas": source_attrs}})
+    held = trained["held_out"].copy()
+    held["time"].attrs["bounds"] = "time_bnds"  # the conditions' bounds are not written
+    ds = generate_ensemble(model, 1, held, progress=False)
+    assert ds["tas"].attrs == {"units": "K", "standard_name": "air_temperature",
+                               "long_name": "t"}
+    assert "bounds" not in ds["time"].attrs
