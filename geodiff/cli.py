@@ -95,13 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", required=True, help="ensemble file (.nc or .zarr)")
     gen.add_argument("--conditions", default=None,
                      help='JSON {dim: values}, e.g. \'{"scenario": ["A1B"], "year": [2055]}\', or '
-                          "a NetCDF/Zarr path whose sample coordinates are used")
+                          "a NetCDF/Zarr path whose sample coordinates are used; a model "
+                          "trained with conditioning.fields needs the file, holding those "
+                          "variables for the requested cells on the model's grid")
     _add_sampling(gen)
     _add_common(gen)
 
     fill = sub.add_parser("fill-gaps", help="complete NaN gaps of observed fields")
     fill.add_argument("checkpoint")
-    fill.add_argument("observed", help="NetCDF/Zarr with NaN gaps")
+    fill.add_argument("observed", help="NetCDF/Zarr with NaN gaps (and the model's "
+                      "conditioning.fields, if any)")
     fill.add_argument("--out", required=True, help="ensemble of completions (.nc or .zarr)")
     fill.add_argument("--members", type=int, default=8)
     fill.add_argument("--steps", type=int, default=None)

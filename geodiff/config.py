@@ -145,9 +145,13 @@ class ConditioningConfig:
     labels: tuple[str, ...] = ()
     """Categorical coordinates (e.g. ``scenario``) added one-hot to the condition vector."""
     fields: tuple[str, ...] = ()
-    """Other data variables given to the network as input channels."""
+    """Other data variables of the source, one field per sample (e.g. a low-resolution
+    predictor), given to the network as input channels, scaled like ``data.variables``
+    (own statistics); generation reads them for each requested cell from the conditions
+    Dataset."""
     static_fields: tuple[str, ...] = ()
-    """Time-invariant variables (land-sea mask, orography) given as input channels."""
+    """Time-invariant variables of the source (land-sea mask, orography) given as input
+    channels as they are; stored in the checkpoint."""
     coord_channels: bool = True
     """Add sin/cos latitude and longitude as input channels."""
     mask_channel: bool = True
@@ -390,6 +394,14 @@ class Recipe:
                  self.sampling.guidance, "1 unless conditioning.dropout > 0: classifier-free "
                  "guidance extrapolates from the unconditional model, which only condition "
                  "dropout in training teaches (Ho & Salimans 2022; e.g. dropout: 0.1)")
+        for key in ("fields", "static_fields"):
+            both = [v for v in getattr(cond, key) if v in self.data.variables]
+            _require(not both, f"conditioning.{key}", list(getattr(cond, key)),
+                     f"variables other than data.variables: {both} would be given to the "
+                     "network as the input it must generate")
+        both = [v for v in cond.fields if v in cond.static_fields]
+        _require(not both, "conditioning.static_fields", list(cond.static_fields),
+                 f"variables other than conditioning.fields (both list {both})")
         if self.scaling.anomaly == "trend":
             _require(cond.year or self.scaling.trend_coord != "year", "scaling.anomaly", "trend",
                      "conditioning.year: true (the trend is a function of the year, so the model"

@@ -157,7 +157,9 @@ class FieldDataset(torch.utils.data.Dataset):
         arrays, self.channel_names = self._channel_arrays(ds_scaled, self.variables, "variables")
         cond_arrays, cond_names = self._channel_arrays(ds_scaled, cond_config.fields,
                                                        "conditioning.fields")
-        self._cond_names = cond_names
+        self.condition_channels = cond_names
+        """Channel names of ``cond_config.fields`` (``name`` or ``name@level``): the last
+        fields, one per sample."""
         self._any_nan: bool | None = None  # streamed data: unknown until scanned
         # where each array's channels go: (0 = fields, 1 = condition fields, offset, count)
         self._dest, offsets = [], [0, 0]
@@ -298,7 +300,7 @@ class FieldDataset(torch.utils.data.Dataset):
             return bool(self._nan_samples[idx].any()), cond
         arrays = self._arrays + self._cond_arrays
         b, (h, w) = len(idx), (self._n_lat, self._n_lon)
-        cond = (np.empty((b, len(self._cond_names), h, w), np.float32) if self._cond_arrays
+        cond = (np.empty((b, len(self.condition_channels), h, w), np.float32) if self._cond_arrays
                 else None)
         targets = (out[..., self._rows, self._cols], cond)
         if self._scaler is not None:
@@ -447,11 +449,16 @@ class FieldDataset(torch.utils.data.Dataset):
 
     def _static(self, ds: xr.Dataset, static: xr.Dataset | None
                 ) -> tuple[np.ndarray, list[str]]:
-        """Padded static fields ``(S, H+, W+)`` (NaN -> 0) and their channel names."""
+        """Padded static fields ``(S, H+, W+)`` and their channel names.
+
+        Each channel is standardised over its finite points (mean 0, standard deviation 1;
+        orography in metres and a 0/1 land mask alike), NaN -> 0: raw values of order 1000
+        would swamp the scaled data channels the network sees beside them.
+        """
         names = list(self.cond_config.static_fields)
         if not names:
             return np.zeros((0, *self._padded_shape), np.float32), []
-        source = _on_grid(static, ds) if static is not None else ds
+        source = on_grid(static, ds) if static is not None else ds
         blocks, channels = [], []
         for name in names:
             if name not in source.data_vars:
@@ -466,7 +473,7 @@ class FieldDataset(torch.utils.data.Dataset):
                              np.float32)
             blocks.append(arr.reshape(-1, self._n_lat, self._n_lon))
             channels += _channel_names(name, da)
-        return self._pad(np.nan_to_num(np.concatenate(blocks), nan=0.0)), channels
+        return self._pad(_standardised(np.concatenate(blocks))), channels
 
     def _coord_channels(self, ds: xr.Dataset) -> np.ndarray:
         """[sin lat, cos lat, sin lon, cos lon] on the padded grid, ``(4, H+, W+)``."""
@@ -478,30 +485,41 @@ class FieldDataset(torch.utils.data.Dataset):
                         ).astype(np.float32)
 
 
-def _on_grid(static: xr.Dataset, ds: xr.Dataset) -> xr.Dataset:
-    """``static`` standardised like the data (:func:`geodiff.grid.standardize`: latitude
+def _standardised(a: np.ndarray) -> np.ndarray:
+    """``a (S, H, W)`` with each channel's finite points at mean 0 and standard deviation 1
+    (a constant channel only centred), NaN -> 0, float32."""
+    with np.errstate(invalid="ignore"):
+        mean = np.nanmean(a, axis=(-2, -1), keepdims=True)
+        std = np.nanstd(a, axis=(-2, -1), keepdims=True)
+    out = (a - mean) / np.where(std > 0, std, 1.0)
+    return np.nan_to_num(out, nan=0.0).astype(np.float32)
+
+
+def on_grid(other: xr.Dataset, ds: xr.Dataset, what: str = "static fields") -> xr.Dataset:
+    """``other`` standardised like the data (:func:`geodiff.grid.standardize`: latitude
     ascending, canonical names) and selected at the latitudes and longitudes (modulo 360) of
-    ``ds``, each matched within 1e-4 degrees; ValueError naming what does not match."""
+    ``ds``, each matched within 1e-4 degrees; ValueError naming ``what`` and what does not
+    match."""
     from geodiff.grid import standardize
 
     try:
-        static = standardize(static)
+        other = standardize(other)
     except ValueError as err:
-        raise ValueError(f"static fields: cannot find their latitude/longitude ({err}); give "
+        raise ValueError(f"{what}: cannot find their latitude/longitude ({err}); give "
                          "them lat/lon coordinates on the data grid") from None
     picks = {}
     for dim, period in ((LAT, None), (LON, 360.0)):
-        want, have = ds[dim].values.astype(np.float64), static[dim].values.astype(np.float64)
+        want, have = ds[dim].values.astype(np.float64), other[dim].values.astype(np.float64)
         idx = _match(want, have, period)
         if (idx < 0).any():
             missing = want[idx < 0]
             raise ValueError(
-                f"static fields are not on the data grid: {missing.size} of the data's {want.size} "
-                f"{dim} values (e.g. {missing[:3].tolist()}) are not among the static {dim} "
-                f"values ({have.size} in {have.min():g}..{have.max():g}); regrid the static "
-                "fields to the data grid first")
+                f"{what} are not on the data grid: {missing.size} of the data's {want.size} "
+                f"{dim} values (e.g. {missing[:3].tolist()}) are not among the {what}' {dim} "
+                f"values ({have.size} in {have.min():g}..{have.max():g}); regrid the {what} "
+                "to the data grid first")
         picks[dim] = idx
-    return static.isel(picks)
+    return other.isel(picks)
 
 
 def _match(want: np.ndarray, have: np.ndarray, period: float | None, atol: float = 1e-4

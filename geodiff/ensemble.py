@@ -10,6 +10,7 @@ dimension (CF ``standard_name = realization``) and provenance attributes.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import itertools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -80,6 +81,109 @@ def condition_cells(model: LoadedModel, conditions: Any) -> xr.Dataset:
     return cells
 
 
+def condition_fields(model: LoadedModel, conditions: Any, cells: xr.Dataset,
+                     what: str = "conditions") -> np.ndarray | None:
+    """The time-varying condition fields (``conditioning.fields``) of every cell as the
+    network saw them in training: scaled by the model's scaler, NaN -> 0; ``(n_cells, Fc,
+    lat, lon)`` float32 in :func:`_cell_dicts` order (padded per batch by
+    :func:`network_fields`), or ``None`` for a model without them.
+
+    ``conditions`` must then be a Dataset holding those variables for the requested cells
+    in physical units, on the model's grid (any latitude order or longitude convention the
+    data layer accepts); a field without one of the cell dims is the same for all its cells.
+    ``what`` names ``conditions`` in errors.
+    """
+    names = model.condition_fields
+    if not names:
+        return None
+    if not isinstance(conditions, xr.Dataset):
+        raise ValueError(
+            f"the model in {model.path} takes the time-varying condition fields {list(names)} "
+            f"(conditioning.fields) as input, but conditions is a {type(conditions).__name__}; "
+            f"pass an xarray Dataset holding {list(names)} for the requested cells on the "
+            f"model's grid, e.g. conditions=ds[{list(names)}].isel(time=[0, 1]) or geodiff "
+            "generate --conditions FILE.nc")
+    scaled = model.scaler.transform(on_model_grid(model, conditions, names, what))
+    return np.nan_to_num(stack_channels(model, scaled, names, list(cells.dims)), nan=0.0)
+
+
+def on_model_grid(model: LoadedModel, ds: xr.Dataset, names: Sequence[str],
+                  what: str) -> xr.Dataset:
+    """``ds[names]`` in the model's canonical form: standardised, taken at the model's
+    latitudes, longitudes (modulo 360) and levels, with the model's coordinate values.
+
+    ValueError (naming ``what``) for a missing variable, another grid, missing levels, a
+    level dimension where the model has none (or the reverse) and dims that are neither
+    sample dims nor lat/lon/level.
+    """
+    from geodiff.data import _match, on_grid
+    from geodiff.grid import LAT, LEVEL, LON
+
+    missing = [v for v in names if v not in ds.data_vars]
+    if missing:
+        raise ValueError(f"the variable(s) {missing} the model needs are not in {what}, which "
+                         f"has {list(ds.data_vars)}; add them (in physical units, on the "
+                         "model's grid) to the Dataset or file")
+    lat, lon = np.asarray(model.grid.lat), np.asarray(model.grid.lon)
+    out = on_grid(ds[list(names)], xr.Dataset(coords={LAT: lat, LON: lon}), what)
+    out = out.assign_coords({LAT: (LAT, lat, out[LAT].attrs), LON: (LON, lon, out[LON].attrs)})
+    allowed = {*model.sample_dims, LEVEL, LAT, LON}
+    for v in names:
+        da, levels = out[v], model.level_values(v)
+        extra = [d for d in da.dims if d not in allowed]
+        if extra:
+            raise ValueError(f"{what}: {v!r} has dims {extra} that are neither sample dims "
+                             f"{list(model.sample_dims)} of the model nor lat/lon/level")
+        if (levels is None) == (LEVEL in da.dims):
+            trained = "without a level dim" if levels is None else f"at levels {levels.tolist()}"
+            raise ValueError(f"{what}: {v!r} has dims {da.dims}, but the model was trained on "
+                             f"it {trained}")
+    per_name = [model.level_values(v) for v in names]
+    wanted = list(dict.fromkeys(lv for levels in per_name if levels is not None
+                                for lv in levels))  # one level axis: the source's
+    if wanted:
+        wanted = np.asarray(wanted)
+        idx = _match(wanted.astype(np.float64), out[LEVEL].values.astype(np.float64), None)
+        if (idx < 0).any():
+            raise ValueError(f"{what}: levels {wanted[idx < 0].tolist()} the model was trained "
+                             f"on are missing; it has {out[LEVEL].values.tolist()}")
+        out = out.isel({LEVEL: idx}).assign_coords({LEVEL: (LEVEL, wanted, out[LEVEL].attrs)})
+    return out
+
+
+def stack_channels(model: LoadedModel, ds: xr.Dataset, names: Sequence[str],
+                   dims: Sequence[str]) -> np.ndarray:
+    """Variables ``names`` of a Dataset from :func:`on_model_grid` (scaled or not) as channels
+    ``(n_cells, C, lat, lon)`` float32, cells in C order over ``dims`` and each variable's
+    levels in the model's channel order (the inverse of :func:`to_dataset`'s un-stacking)."""
+    from geodiff.grid import LAT, LEVEL, LON
+
+    n_cells = int(np.prod([ds.sizes[d] for d in dims]))
+    blocks = []
+    for v in names:
+        da, levels = ds[v], model.level_values(v)
+        da = da.expand_dims({d: ds.sizes[d] for d in dims if d not in da.dims})
+        if levels is not None:
+            da = da.sel({LEVEL: levels})
+        da = da.transpose(*dims, *[LEVEL] * (levels is not None), LAT, LON)
+        values = np.asarray(da.values, dtype=np.float32)
+        blocks.append(values.reshape(n_cells, -1, *values.shape[-2:]))  # (cells, c_v, H, W)
+    return np.concatenate(blocks, axis=1)
+
+
+def network_fields(model: LoadedModel, cell_fields: np.ndarray | None,
+                   cells: Sequence[int]) -> torch.Tensor:
+    """The network's extra input channels for items of ``cells`` ``(n, F, H+, W+)`` on the
+    model's device: the shared ones, then the cell's condition fields padded as in
+    training."""
+    dev, n = model.device, len(cells)
+    fields = model.fields.to(dev).expand(n, -1, -1, -1)
+    if cell_fields is None:
+        return fields
+    own = model.padding.apply(torch.from_numpy(cell_fields[list(cells)])).to(dev)
+    return torch.cat([fields, own], dim=1)
+
+
 def _cell_dicts(cells: xr.Dataset) -> list[dict[str, Any]]:
     """One coordinate dict per cell, in C order over ``cells.dims``."""
     dims = list(cells.dims)
@@ -99,27 +203,37 @@ def to_dataset(model: LoadedModel, x: np.ndarray, members: Sequence[int],
                cells: xr.Dataset) -> xr.Dataset:
     """Scaled, cropped samples -> physical-unit Dataset in the source's conventions.
 
-    ``x``: (M, n_cells, C, lat, lon) in canonical order (lat ascending).
+    ``x``: (M, n_cells, C, lat, lon) in canonical order (lat ascending). The channels
+    ``name@level`` of a variable are stacked back into its level dimension (the source's
+    name, values and attributes), then each variable is inverse-scaled and NaN where that
+    channel was never valid in training.
     """
-    from geodiff.grid import LAT, LON, restore
+    from geodiff.grid import LAT, LEVEL, LON, restore
 
     dims = list(cells.dims)
     shape = [cells.sizes[d] for d in dims]
     m = len(members)
     lat, lon = np.asarray(model.grid.lat), np.asarray(model.grid.lon)
     x = x.reshape(m, *shape, x.shape[-3], lat.size, lon.size)  # (M, *cells, C, lat, lon)
-    data_vars = {}
-    for ci, name in enumerate(model.channel_names):
-        data_vars[name] = ([MEMBER, *dims, LAT, LON], x[..., ci, :, :].astype(np.float32),
-                           variable_attrs(model, name))
     coords = {MEMBER: (MEMBER, np.asarray(members, dtype=np.int32)), LAT: lat, LON: lon,
               **{k: (v.dims, v.values, _drop_references(v.attrs))
                  for k, v in cells.coords.items()}}
-    ds = xr.Dataset(data_vars, coords=coords)
-    ds = model.scaler.inverse(ds)
-    valid = xr.DataArray(model.valid, dims=("channel", LAT, LON))
-    for ci, name in enumerate(model.channel_names):
-        ds[name] = ds[name].where(valid.isel(channel=ci).values).astype(np.float32)
+    data_vars, masks, start = {}, {}, 0
+    for name in model.variables:
+        levels, n = model.level_values(name), model.n_channels(name)
+        part = slice(start, start + n)
+        if levels is None:  # (M, *cells, lat, lon)
+            data_vars[name] = ([MEMBER, *dims, LAT, LON], x[..., start, :, :])
+            masks[name] = xr.DataArray(model.valid[start], dims=(LAT, LON))
+        else:  # (M, *cells, level, lat, lon)
+            data_vars[name] = ([MEMBER, *dims, LEVEL, LAT, LON], x[..., part, :, :])
+            masks[name] = xr.DataArray(model.valid[part], dims=(LEVEL, LAT, LON))
+            coords[LEVEL] = (LEVEL, levels)
+        start += n
+    ds = model.scaler.inverse(xr.Dataset(
+        {k: (d, v.astype(np.float32)) for k, (d, v) in data_vars.items()}, coords=coords))
+    for name in model.variables:
+        ds[name] = ds[name].where(masks[name]).astype(np.float32)
         ds[name].attrs = variable_attrs(model, name)
     ds[MEMBER].attrs = {"standard_name": "realization", "long_name": "ensemble member",
                         "units": "1"}
@@ -236,9 +350,13 @@ def check_guidance(model: LoadedModel, guidance: float) -> None:
 
 def sample_items(model: LoadedModel, items: Sequence[tuple[int, int]], cond_vectors: np.ndarray,
                  *, sampler: str, steps: int, guidance: float, eta: float, seed: int,
-                 compute_batch: int | None = None,
-                 timesteps: Sequence[int] | None = None) -> np.ndarray:
-    """Generate (cell, member) items in one batch -> (n, C, lat, lon) scaled, cropped."""
+                 compute_batch: int | None = None, timesteps: Sequence[int] | None = None,
+                 cell_fields: np.ndarray | None = None) -> np.ndarray:
+    """Generate (cell, member) items in one batch -> (n, C, lat, lon) scaled, cropped.
+
+    ``cell_fields``: the cells' condition fields from :func:`condition_fields` (a model
+    with ``conditioning.fields`` needs them).
+    """
     from geodiff.sampling import sample
 
     dev = model.device
@@ -247,7 +365,7 @@ def sample_items(model: LoadedModel, items: Sequence[tuple[int, int]], cond_vect
     h, w = model.fields.shape[-2:]
     gens = [torch.Generator(device="cpu").manual_seed(member_seed(seed, cell, m))
             for cell, m in items]
-    fields = model.fields.to(dev).expand(n, -1, -1, -1)
+    fields = network_fields(model, cell_fields, [cell for cell, _ in items])
     cond = torch.as_tensor(cond_vectors[[cell for cell, _ in items]], dtype=torch.float32,
                            device=dev).reshape(n, -1)
     smin, smax = model.sigma_range()
@@ -276,6 +394,9 @@ def generate_ensemble(checkpoint: str | Path | LoadedModel, members: int | None 
     checkpoint : run directory, checkpoint directory, or a :class:`LoadedModel`.
     members : number of members per condition cell (default: recipe ``sampling.members``).
     conditions : xarray object (its sample-dim coordinates are used) or ``{dim: values}``.
+        A model with ``conditioning.fields`` needs a Dataset that also holds those variables
+        for the requested cells (physical units, the model's grid): see
+        :func:`condition_fields`.
     sampler, steps, guidance, eta : sampler settings (default: the recipe's ``sampling``).
     timesteps : ``ddpm`` / ``ddim`` on a DDPM model: these schedule timesteps instead of
         ``steps`` evenly spaced ones (:func:`geodiff.sampling.sigma_grid`); default: the
@@ -330,6 +451,7 @@ def generate_ensemble(checkpoint: str | Path | LoadedModel, members: int | None 
         steps = len(timesteps)
     cells = condition_cells(model, conditions)
     cell_dicts = _cell_dicts(cells)
+    cell_fields = condition_fields(model, conditions, cells)
     cond_vectors = np.stack([model.cond_spec.vector(c) for c in cell_dicts]) \
         if model.cond_spec.dim else np.zeros((len(cell_dicts), 0), np.float32)
     dist = init_distributed(resolve_device(device)) if out is not None else None
@@ -350,13 +472,16 @@ def generate_ensemble(checkpoint: str | Path | LoadedModel, members: int | None 
         items = [(c, m) for m in block for c in range(n_cells)]
         parts = [sample_items(model, items[i:i + batch_size], cond_vectors, sampler=sampler,
                               steps=steps, guidance=guidance, eta=eta, seed=seed,
-                              compute_batch=compute_batch, timesteps=timesteps)
+                              compute_batch=compute_batch, timesteps=timesteps,
+                              cell_fields=cell_fields)
                  for i in range(0, len(items), batch_size)]
         x = np.concatenate(parts).reshape(len(block), n_cells, *parts[0].shape[1:])
         return to_dataset(model, x, block, cells)
 
     request = {"members": members,
                "cells": [{k: str(v) for k, v in c.items()} for c in cell_dicts]}
+    if cell_fields is not None:  # other predictor values for the same cells: other members
+        request["condition_fields_sha256"] = hashlib.sha256(cell_fields.tobytes()).hexdigest()
     return emit(block_dataset, blocks, members, attrs, out=out, request=request,
                 overwrite=overwrite, dist=dist, progress=progress,
                 layout=lambda: layout_dataset(model, cells))

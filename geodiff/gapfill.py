@@ -17,38 +17,19 @@ import xarray as xr
 from geodiff.ensemble import (
     _cell_dicts,
     _provenance,
+    condition_fields,
     emit,
     fixed_batch,
     layout_dataset,
     member_seed,
+    network_fields,
+    on_model_grid,
+    stack_channels,
     to_dataset,
     variable_attrs,
 )
 from geodiff.io import MEMBER, check_output_path
 from geodiff.pipeline import LoadedModel, load_model
-
-
-def _canonical_observed(model: LoadedModel, observed: xr.Dataset) -> xr.Dataset:
-    """``observed`` in canonical lat/lon order, checked against the model's grid."""
-    from geodiff.grid import LAT, LON, standardize
-
-    names = model.channel_names
-    missing = [v for v in names if v not in observed.data_vars]
-    if missing:
-        raise ValueError(f"observed lacks the variable(s) {missing} the model generates; "
-                         f"it has {list(observed.data_vars)}")
-    obs = standardize(observed[names])
-    lat, lon = np.asarray(model.grid.lat), np.asarray(model.grid.lon)
-    if obs.sizes[LAT] != lat.size or obs.sizes[LON] != lon.size or not (
-            np.allclose(obs[LAT].values, lat) and np.allclose(obs[LON].values, lon)):
-        raise ValueError(f"observed grid ({obs.sizes[LAT]} x {obs.sizes[LON]}) differs from "
-                         f"the model's ({lat.size} x {lon.size}); regrid it to the training "
-                         "grid first")
-    extra = [d for d in obs.dims if d not in (LAT, LON) and d not in model.sample_dims]
-    if extra:
-        raise ValueError(f"observed has dims {extra} that are not sample dims "
-                         f"{list(model.sample_dims)} of the model")
-    return obs
 
 
 def fill_gaps(checkpoint: str | Path | LoadedModel, observed: xr.Dataset, members: int = 8, *,
@@ -59,8 +40,11 @@ def fill_gaps(checkpoint: str | Path | LoadedModel, observed: xr.Dataset, member
               ) -> xr.Dataset | Path:
     """An ensemble of completions of ``observed`` (NaN = gap), observed pixels kept exactly.
 
-    Returns a Dataset with dims (member, *sample dims of observed, lat, lon) in the source's
-    conventions, or streams it to ``out`` (``.nc`` / ``.zarr``) like
+    ``observed`` holds the model's variables (with the levels it was trained on) on its grid,
+    in any latitude order or longitude convention, and, for a model with
+    ``conditioning.fields``, those condition fields for the same cells (no gaps needed).
+    Returns a Dataset with dims (member, *sample dims of observed, [level], lat, lon) in the
+    source's conventions, or streams it to ``out`` (``.nc`` / ``.zarr``) like
     :func:`geodiff.generate_ensemble`.
     """
     from geodiff.grid import restore
@@ -79,22 +63,22 @@ def fill_gaps(checkpoint: str | Path | LoadedModel, observed: xr.Dataset, member
         compute_batch = model.recipe.sampling.compute_batch
     if compute_batch is not None and compute_batch < 1:
         raise ValueError(f"{compute_batch=} must be >= 1 (or None for whole batches)")
-    obs = _canonical_observed(model, observed)
+    if not isinstance(observed, xr.Dataset):
+        raise TypeError(f"observed must be an xarray Dataset, got {type(observed).__name__}")
+    obs = on_model_grid(model, observed, model.variables, "observed fields")
     sample_dims = [d for d in model.sample_dims if d in obs.dims]
     cells = xr.Dataset(coords={k: v for k, v in obs.coords.items()
                                if set(v.dims) and set(v.dims) <= set(sample_dims)})
     cell_dicts = _cell_dicts(cells)
+    cell_fields = condition_fields(model, observed, cells, "observed fields")
     if model.cond_spec.dim:
         for c in cell_dicts:
             model.cond_spec.check(c)
         cond_vectors = np.stack([model.cond_spec.vector(c) for c in cell_dicts])
     else:
         cond_vectors = np.zeros((len(cell_dicts), 0), np.float32)
-    scaled = model.scaler.transform(obs)
     # (n_cells, C, lat, lon): observed values (scaled) and the known-pixel mask
-    arr = np.stack([scaled[v].transpose(*sample_dims, ...).values for v in model.channel_names],
-                   axis=len(sample_dims)).reshape(len(cell_dicts), len(model.channel_names),
-                                                  *scaled[model.channel_names[0]].shape[-2:])
+    arr = stack_channels(model, model.scaler.transform(obs), model.variables, list(cells.dims))
     known = np.isfinite(arr) & model.valid[None]
     obs_t = model.padding.apply(torch.from_numpy(np.where(known, arr, 0.0).astype(np.float32)))
     known_t = model.padding.apply(torch.from_numpy(known.astype(np.float32))) > 0.5
@@ -105,7 +89,7 @@ def fill_gaps(checkpoint: str | Path | LoadedModel, observed: xr.Dataset, member
     def run(items: list[tuple[int, int]]) -> np.ndarray:
         idx = [c for c, _ in items]
         gens = [torch.Generator().manual_seed(member_seed(seed, c, m)) for c, m in items]
-        fields = model.fields.to(dev).expand(len(items), -1, -1, -1)
+        fields = network_fields(model, cell_fields, idx)
         cond = torch.as_tensor(cond_vectors[idx], dtype=torch.float32, device=dev)
         net = fixed_batch(model.denoiser, compute_batch)
 
@@ -131,7 +115,7 @@ def fill_gaps(checkpoint: str | Path | LoadedModel, observed: xr.Dataset, member
         x = np.concatenate(parts).reshape(len(block), n_cells, *parts[0].shape[1:])
         ds = to_dataset(model, x, block, cells)
         member_attrs = dict(ds[MEMBER].attrs)
-        for v in model.channel_names:  # observed pixels exactly as given
+        for v in model.variables:  # observed pixels exactly as given
             o = restored_obs[v]
             ds[v] = xr.where(o.notnull(), o, ds[v]).transpose(*ds[v].dims).astype(np.float32)
             ds[v].attrs = variable_attrs(model, v)

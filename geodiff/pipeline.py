@@ -36,12 +36,17 @@ class DataBundle:
     val: Any | None
     grid: Any
     valid: np.ndarray
-    """(C, lat, lon) bool: pixels valid in at least one training sample."""
+    """(C, lat, lon) bool: pixels of each channel valid in at least one training sample."""
     fields: torch.Tensor
-    """(F, H+, W+) the network's extra input channels at generation time."""
+    """(F0, H+, W+) the network's extra input channels that are the same for every sample
+    (coordinates, generation mask, static fields); the time-varying condition fields follow
+    them, one set per sample (:attr:`FieldDataset.condition_channels`)."""
     sample_dims: tuple[str, ...]
     variables: tuple[str, ...]
     var_attrs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    levels: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """``{name: {"values": [...], "dtype": str}}``: the vertical levels of each variable or
+    condition field with a level dim, in channel order (``name@level``)."""
 
     @property
     def channels(self) -> int:
@@ -50,7 +55,7 @@ class DataBundle:
     @property
     def spec(self) -> dict[str, Any]:
         """What the network shape depends on (stored in the checkpoint)."""
-        return {"in_channels": self.channels + int(self.fields.shape[0]),
+        return {"in_channels": self.channels + self.train.n_fields,
                 "out_channels": self.channels, "cond_dim": int(self.cond_spec.dim),
                 "periodic": bool(self.grid.periodic), "global_lat": bool(self.grid.global_lat),
                 "sigma_data": self.sigma_data}
@@ -83,6 +88,9 @@ class DataBundle:
             "var_attrs": self.var_attrs,
             "sample_dims": list(self.sample_dims),
             "valid": self.valid.astype(np.uint8).tolist(),
+            "levels": self.levels,
+            "field_names": list(self.train.field_names),
+            "condition_channels": list(self.train.condition_channels),
             "fields": self.fields.tolist(),
             "versions": ckpt.versions(),
         }
@@ -110,19 +118,32 @@ class DataBundle:
 
 
 def prepare_data(recipe: Recipe) -> DataBundle:
-    """Open, split, fit the scaler on the train split and build the torch datasets."""
+    """Open, split, fit the scaler on the train split and build the torch datasets.
+
+    The data variables and the condition fields (``conditioning.fields``) are scaled by one
+    :class:`~geodiff.scaling.Scaler` fitted on the train split (each with its own statistics),
+    so that generation scales a requested cell's condition fields exactly as training did;
+    static fields enter as they are.
+    """
     from geodiff import catalog, data, grid
     from geodiff.scaling import Scaler
 
-    dc = recipe.data
-    ds = catalog.open_dataset(dc.source, catalog=dc.catalog, variables=list(dc.variables))
+    dc, cc = recipe.data, recipe.conditioning
+    opened = list(dict.fromkeys([*dc.variables, *cc.fields, *cc.static_fields]))
+    ds = catalog.open_dataset(dc.source, catalog=dc.catalog, variables=opened)
     info = grid.grid_info(ds)
     missing = [d for d in dc.sample_dims if d not in ds.dims]
     if missing:
         raise ValueError(f"data.sample_dims={list(dc.sample_dims)}: {missing} not among the "
                          f"dimensions {sorted(map(str, ds.dims))} of {dc.source!r}")
+    for f in cc.fields:
+        if set(dc.sample_dims) - set(ds[f].dims):
+            raise ValueError(f"conditioning.fields: {f!r} has dims {ds[f].dims}, without the "
+                             f"sample dims {list(dc.sample_dims)}; list time-invariant inputs "
+                             "under conditioning.static_fields")
     splits = data.split_dataset(ds, recipe.split, dc.sample_dims)
-    scaler = Scaler.fit(splits["train"], recipe.scaling, dc.variables, dc.sample_dims)
+    scaler = Scaler.fit(splits["train"], recipe.scaling, [*dc.variables, *cc.fields],
+                        dc.sample_dims)
     cond_spec = data.ConditionSpec.from_config(recipe.conditioning, splits["train"])
     multiple = 2 ** (len(recipe.model.channels) - 1)
     padding = data.compute_padding(ds.sizes[grid.LAT], ds.sizes[grid.LON], multiple,
@@ -140,22 +161,44 @@ def prepare_data(recipe: Recipe) -> DataBundle:
 
     if dc.reader == "tensorstore":
         ts_splits = data.split_dataset(
-            catalog.open_dataset(dc.source, catalog=dc.catalog, variables=list(dc.variables),
+            catalog.open_dataset(dc.source, catalog=dc.catalog, variables=opened,
                                  reader="tensorstore"), recipe.split, dc.sample_dims)
     # the train split decides whether the network sees a validity-mask channel (it has
     # NaNs); validation and generation (the checkpoint's fields) get the same inputs
     train = dataset(splits["train"], "train", None)
     val = (dataset(splits["val"], "val", train.with_mask)
            if _n_samples(splits.get("val"), dc.sample_dims) else None)
-    valid = np.stack([
-        splits["train"][v].notnull().any([d for d in splits["train"][v].dims
-                                          if d not in (grid.LAT, grid.LON)]).values
-        for v in dc.variables])  # (C, lat, lon); one channel per variable (single level)
+    valid = _valid_channels(splits["train"], dc.variables)
     return DataBundle(source=ds, splits=splits, scaler=scaler, cond_spec=cond_spec,
                       padding=padding, train=train, val=val, grid=info, valid=valid,
                       fields=_generation_fields(train, valid), sample_dims=tuple(dc.sample_dims),
                       variables=tuple(dc.variables),
-                      var_attrs={v: _jsonable_attrs(ds[v].attrs) for v in dc.variables})
+                      var_attrs={v: _jsonable_attrs(ds[v].attrs) for v in dc.variables},
+                      levels={v: _levels(ds[v]) for v in [*dc.variables, *cc.fields]
+                              if grid.LEVEL in ds[v].dims})
+
+
+def _valid_channels(train: xr.Dataset, variables: tuple[str, ...]) -> np.ndarray:
+    """``(C, lat, lon)`` bool: whether each pixel of each channel (variables x levels, in
+    :class:`~geodiff.data.FieldDataset` order) is valid in at least one training sample."""
+    from geodiff.grid import LAT, LEVEL, LON
+
+    blocks = []
+    for v in variables:
+        da = train[v]
+        seen = da.notnull().any([d for d in da.dims if d not in (LEVEL, LAT, LON)])
+        seen = seen.transpose(*[d for d in (LEVEL, LAT, LON) if d in seen.dims]).values
+        blocks.append(seen.reshape(-1, *seen.shape[-2:]))  # (levels or 1, lat, lon)
+    return np.concatenate(blocks)
+
+
+def _levels(da: xr.DataArray) -> dict[str, Any]:
+    """The level values of ``da`` (in its channel order) and their dtype, JSON-able."""
+    from geodiff.grid import LEVEL
+    from geodiff.samples import _plain
+
+    values = np.asarray(da[LEVEL].values)
+    return {"values": [_plain(v) for v in values], "dtype": values.dtype.str}
 
 
 def build_denoiser(recipe: Recipe, spec: dict[str, Any] | DataBundle) -> nn.Module:
@@ -233,7 +276,10 @@ class LoadedModel:
     grid: Any
     meta: dict[str, Any]
     fields: torch.Tensor
+    """(F0, H+, W+) the input channels shared by every sample (coordinates, mask, static
+    fields); the :attr:`condition_fields` of each cell follow them."""
     valid: np.ndarray
+    """(C, lat, lon) bool: pixels of each channel valid in some training sample."""
     device: torch.device
 
     @property
@@ -243,6 +289,27 @@ class LoadedModel:
     @property
     def sample_dims(self) -> tuple[str, ...]:
         return tuple(self.meta["sample_dims"])
+
+    @property
+    def variables(self) -> tuple[str, ...]:
+        """The generated variables, in channel order."""
+        return tuple(self.meta["variables"])
+
+    @property
+    def condition_fields(self) -> tuple[str, ...]:
+        """Time-varying input variables (``conditioning.fields``), given per cell."""
+        return tuple(self.recipe.conditioning.fields)
+
+    def level_values(self, name: str) -> np.ndarray | None:
+        """Level values of variable or condition field ``name`` in channel order (its
+        channels ``name@level``), ``None`` when it has no level dimension."""
+        entry = self.meta.get("levels", {}).get(name)
+        return None if entry is None else np.asarray(entry["values"], dtype=entry["dtype"])
+
+    def n_channels(self, name: str) -> int:
+        """Number of channels of variable or condition field ``name``."""
+        levels = self.level_values(name)
+        return 1 if levels is None else levels.size
 
     def sigma_range(self) -> tuple[float, float]:
         dc = self.recipe.diffusion
@@ -263,17 +330,42 @@ def load_model(checkpoint: str | Path, *, device: str | torch.device | None = No
     path = ckpt.resolve_checkpoint(checkpoint)
     meta = ckpt.load_meta(path)
     recipe = recipe_from_dict(meta["recipe"])
+    padding = _padding_from_dict(meta["padding"])
+    info = GridInfo.from_dict(meta["grid"])
+    fields = torch.tensor(meta["fields"], dtype=torch.float32).reshape(
+        -1, *padding.padded_shape(len(info.lat), len(info.lon)))  # (F0, H+, W+), F0 may be 0
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     denoiser = build_denoiser(recipe, meta["spec"])
     denoiser.load_state_dict(ckpt.load_weights(path, which))
     denoiser.to(dev).eval().requires_grad_(False)
-    return LoadedModel(path=path, recipe=recipe, denoiser=denoiser,
-                       scaler=Scaler.from_dict(meta["scaler"]),
-                       cond_spec=ConditionSpec.from_dict(meta["cond_spec"]),
-                       padding=_padding_from_dict(meta["padding"]),
-                       grid=GridInfo.from_dict(meta["grid"]), meta=meta,
-                       fields=torch.tensor(meta["fields"], dtype=torch.float32),
-                       valid=np.asarray(meta["valid"], dtype=bool), device=dev)
+    model = LoadedModel(path=path, recipe=recipe, denoiser=denoiser,
+                        scaler=Scaler.from_dict(meta["scaler"]),
+                        cond_spec=ConditionSpec.from_dict(meta["cond_spec"]), padding=padding,
+                        grid=info, meta=meta, fields=fields,
+                        valid=np.asarray(meta["valid"], dtype=bool), device=dev)
+    _check_channels(model)
+    return model
+
+
+def _check_channels(model: LoadedModel) -> None:
+    """Refuse a checkpoint whose metadata does not account for its network's channels: one
+    written before levels and condition fields were recorded (``meta["levels"]``, fields
+    without the first training sample's condition fields)."""
+    names, meta = model.channel_names, model.meta
+    n_out = sum(model.n_channels(v) for v in model.variables)
+    n_cond = sum(model.n_channels(f) for f in model.condition_fields)
+    if n_out != len(names) or len(model.valid) != len(names):
+        raise ValueError(f"checkpoint {model.path}: its channels {names} are not one per "
+                         f"variable {list(model.variables)} and its metadata does not record "
+                         "their vertical levels (written by an older geodiff); train it again "
+                         "with this version to generate from it")
+    if meta["spec"]["in_channels"] != len(names) + model.fields.shape[0] + n_cond:
+        raise ValueError(f"checkpoint {model.path}: its network takes "
+                         f"{meta['spec']['in_channels']} input channels, but {len(names)} "
+                         f"generated + {model.fields.shape[0]} stored + {n_cond} condition "
+                         f"channels of {list(model.condition_fields)} are recorded (written "
+                         "by an older geodiff, which stored one training sample's condition "
+                         "fields); train it again with this version to generate from it")
 
 
 def _padding_to_dict(p: Any) -> dict[str, Any]:
@@ -289,11 +381,13 @@ def _padding_from_dict(d: dict[str, Any]) -> Any:
 
 
 def _generation_fields(train: Any, valid: np.ndarray) -> torch.Tensor:
-    """The network's extra input channels at generation time ``(F, H+, W+)``: those of the
-    first training sample, with the mask channel (if any) set to the pixels valid in some
-    training sample for every variable (``valid.all(0)``; 0 on the padding), as in training
-    a sample without gaps, not the first sample's own gaps."""
-    fields = train[0]["fields"].clone()
+    """The extra input channels shared by every generated sample ``(F0, H+, W+)``: those of
+    the first training sample without its condition fields (given per cell at generation),
+    with the mask channel (if any) set to the pixels valid in some training sample for every
+    channel (``valid.all(0)``; 0 on the padding), as in training a sample without gaps, not
+    the first sample's own gaps."""
+    n_shared = train.n_fields - len(train.condition_channels)
+    fields = train[0]["fields"][:n_shared].clone()
     if train.with_mask:
         p, (n_lat, n_lon) = train.padding, valid.shape[-2:]
         mask = fields[train.field_names.index("mask")]  # (H+, W+), a view

@@ -229,14 +229,19 @@ def test_levels_become_channels_and_static_and_condition_fields_are_inputs():
     fd = build(ds, cond=cond, static=static)
     assert fd.channel_names == ["tas@850", "tas@500"]
     assert fd.field_names == ["orog", "pr"] and fd.n_fields == 2
+    assert fd.condition_channels == ["pr"]  # the per-sample fields come last
     item = fd[4]
     assert item["x"].shape == (2, 8, 8) and item["cond"].shape == (0,)
     np.testing.assert_array_equal(item["x"][1, 1:6, 1:7].numpy(),
                                   ds["tas"].isel(scenario=0, time=4, level=1).values)
-    np.testing.assert_array_equal(item["fields"][0, 1:6, 1:7].numpy(), static["orog"].values)
+    orog = static["orog"].values
+    orog_std = (orog - orog.mean()) / orog.std()  # static fields enter standardised
+    np.testing.assert_allclose(item["fields"][0, 1:6, 1:7].numpy(), orog_std, rtol=1e-5,
+                               atol=1e-6)
     np.testing.assert_array_equal(item["fields"][1, 1:6, 1:7].numpy(),
                                   ds["pr"].isel(scenario=0, time=4).values)
-    np.testing.assert_array_equal(item["fields"][0, 0, 1:7].numpy(), static["orog"][0].values)
+    np.testing.assert_allclose(item["fields"][0, 0, 1:7].numpy(), orog_std[0], rtol=1e-5,
+                               atol=1e-6)
     # streamed through dask (one chunk per sample): the same items, batch by batch
     streamed = build(ds.chunk({"time": 1}), cond=cond, static=static, memory_budget_gb=0.0)
     assert not streamed.in_memory
@@ -260,7 +265,10 @@ def test_static_fields_are_standardised_and_taken_at_the_data_grid(tmp_path):
     cond = ConditioningConfig(coord_channels=False, static_fields=("orog",))
     fd = build(ds, cond=cond, multiple=1, static=static)
     expect = 1000.0 * ds["lat"].values[:, None] + ds["lon"].values[None, :]
-    np.testing.assert_array_equal(fd[0]["fields"][0].numpy(), expect.astype(np.float32))
+    expect = (expect - expect.mean()) / expect.std()  # standardised over the data grid
+    got = fd[0]["fields"][0].numpy()
+    np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-6)
+    assert abs(float(got.mean())) < 1e-6 and float(got.std()) == pytest.approx(1.0, rel=1e-5)
     shifted = static.assign_coords(latitude=static["latitude"] + 1.0)
     with pytest.raises(ValueError, match=r"static fields are not on the data grid: 5 of the "
                                          r"data's 5 lat values \(e.g. \[-40.0, -20.0, 0.0\]\)"):

@@ -22,7 +22,7 @@ from geodiff.ensemble import sample_items as _SAMPLE_ITEMS
 from geodiff.gapfill import fill_gaps
 from geodiff.pipeline import load_model
 from geodiff.train import train
-from tests.toy import toy_recipe
+from tests.toy import toy_level_file, toy_predictor_file, toy_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 CONDITIONS = {"time": None}  # filled by the fixture with held-out times
@@ -426,3 +426,225 @@ def test_generated_variables_keep_only_attributes_that_describe_them(trained):
     assert ds["tas"].attrs == {"units": "K", "standard_name": "air_temperature",
                                "long_name": "t"}
     assert "bounds" not in ds["time"].attrs
+
+
+# ---------------------------------------------------------------------------------------
+# variables with vertical levels
+
+
+@pytest.fixture(scope="module")
+def levels_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("levels")
+    source = toy_level_file(tmp / "lev.nc")
+    recipe = toy_recipe(tmp, data=source, training={"steps": 2, "checkpoint_every": 2})
+    recipe = recipe.override(["data.variables=[ta]"])
+    run = train(recipe, tmp / "run", progress=False).run_dir
+    return {"run": run, "recipe": recipe, "source": xr.open_dataset(source), "tmp": tmp}
+
+
+def test_levels_are_unstacked_into_the_source_level_dimension(levels_run):
+    """Training items (scaled channels ta@850, ta@500) through to_dataset give back the
+    source's fields in physical units on its level axis; channels never valid (850 hPa below
+    ground) are NaN at that level only."""
+    from geodiff.ensemble import condition_cells, to_dataset
+    from geodiff.pipeline import prepare_data
+
+    model = load_model(levels_run["run"])
+    assert model.channel_names == ["ta@850", "ta@500"] and model.valid.shape == (2, 8, 16)
+    bundle = prepare_data(levels_run["recipe"])
+    idx = [0, 7]
+    times = bundle.splits["train"]["time"].values[idx]
+    x = torch.stack([model.padding.crop(bundle.train[i]["x"]) for i in idx]).numpy()
+    cells = condition_cells(model, {"time": times})
+    back = to_dataset(model, x[None], [0], cells)  # (member, time, plev, lat, lon)
+    src = levels_run["source"]
+    assert back["ta"].dims == ("member", "time", "plev", "lat", "lon")
+    assert back["plev"].dtype == src["plev"].dtype == np.float32
+    np.testing.assert_array_equal(back["plev"].values, [850.0, 500.0])
+    assert back["plev"].attrs == src["plev"].attrs
+    np.testing.assert_array_equal(back["lat"].values, src["lat"].values)  # descending
+    truth = src["ta"].sel(time=times)
+    np.testing.assert_allclose(back["ta"].isel(member=0).values, truth.values, rtol=1e-6,
+                               atol=1e-4)
+    assert back["ta"].attrs["units"] == "K"
+
+
+def test_ensemble_of_a_variable_with_levels(levels_run, tmp_path):
+    src = levels_run["source"]
+    held = src.isel(time=[5, 15])
+    out = generate_ensemble(levels_run["run"], 2, held, seed=0, out=tmp_path / "e.nc",
+                            progress=False)
+    with xr.open_dataset(out) as ds:
+        assert ds["ta"].dims == ("member", "time", "plev", "lat", "lon")
+        assert ds["plev"].dtype == np.float32 and ds["plev"].attrs == src["plev"].attrs
+        np.testing.assert_array_equal(ds["plev"].values, src["plev"].values)
+        np.testing.assert_array_equal(ds["time"].values, held["time"].values)
+        assert ds["ta"].attrs["units"] == "K"
+        below_ground = src["ta"].isnull().all("time")  # (plev, lat, lon): 850 hPa block only
+        assert int(below_ground.sum()) == 8
+        np.testing.assert_array_equal(ds["ta"].isnull().values,
+                                      np.broadcast_to(below_ground.values, ds["ta"].shape))
+
+
+def test_gap_filling_a_variable_with_levels(levels_run):
+    obs = levels_run["source"].isel(time=[5]).copy(deep=True)
+    obs = obs.sortby("lat").assign_coords(lon=(((obs["lon"] + 180) % 360) - 180))
+    obs = obs.sortby("lon")  # another lat order and longitude convention than the source
+    gaps = np.random.default_rng(0).random(obs["ta"].shape) < 0.3
+    obs["ta"] = obs["ta"].where(~gaps)
+    filled = fill_gaps(levels_run["run"], obs, members=2, steps=2, resample=1, progress=False)
+    src = levels_run["source"]
+    assert filled["ta"].dims == ("member", "time", "plev", "lat", "lon")
+    np.testing.assert_array_equal(filled["lon"].values, src["lon"].values)  # model's 0..360
+    truth = src["ta"].isel(time=[5])
+    seen = truth.where(xr.DataArray(~gaps, dims=obs["ta"].dims, coords=obs["ta"].coords)
+                       ).notnull()
+    np.testing.assert_array_equal(filled["ta"].isel(member=0).where(seen).values,
+                                  truth.where(seen).values)
+    below_ground = src["ta"].isnull().all("time")
+    assert bool(filled["ta"].where(below_ground).isnull().all())
+    holes = ~seen & ~below_ground
+    assert int(filled["ta"].where(holes).notnull().sum()) == 2 * int(holes.sum()) > 0
+
+
+def _without_meta_keys(run: Path, dest: Path, keys: tuple[str, ...]) -> Path:
+    """A copy of the latest checkpoint of ``run`` whose meta.json lacks ``keys`` (as an
+    older geodiff wrote it)."""
+    import json
+    import shutil
+
+    path = shutil.copytree(ckpt.latest_checkpoint(run), dest)
+    meta = json.loads((path / "meta.json").read_text())
+    for key in keys:
+        meta.pop(key)
+    (path / "meta.json").write_text(json.dumps(meta))
+    return path
+
+
+def test_checkpoints_without_level_and_field_records(trained, levels_run, tmp_path):
+    keys = ("levels", "field_names", "condition_channels")
+    old = _without_meta_keys(trained["run"], tmp_path / "old", keys)
+    held = trained["held_out"].isel(time=[0])
+    a = generate_ensemble(old, 2, held, seed=1, progress=False)
+    b = generate_ensemble(trained["run"], 2, held, seed=1, progress=False)
+    np.testing.assert_array_equal(a["tas"].values, b["tas"].values)
+    old_levels = _without_meta_keys(levels_run["run"], tmp_path / "old_levels", keys)
+    with pytest.raises(ValueError, match=r"channels \['ta@850', 'ta@500'\] are not one per "
+                                         r"variable \['ta'\].*train it again"):
+        load_model(old_levels)
+
+
+# ---------------------------------------------------------------------------------------
+# time-varying condition fields and static fields
+
+
+@pytest.fixture(scope="module")
+def predictor_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("predictor")
+    source = toy_predictor_file(tmp / "toy.nc")
+    recipe = toy_recipe(tmp, data=source, training={"steps": 2, "checkpoint_every": 2},
+                        conditioning={"fields": ["pr"], "static_fields": ["orog"]})
+    run = train(recipe, tmp / "run", progress=False).run_dir
+    return {"run": run, "recipe": recipe, "source": xr.open_dataset(source).load(),
+            "tmp": tmp}
+
+
+def test_each_cell_is_generated_from_its_own_condition_field(predictor_run):
+    """The network sees each item's own cell's predictor; changing the predictor of one
+    requested cell changes that cell's members and no other's, and the same predictors and
+    seed give the same members (generation is deterministic, so any difference is the
+    predictor's doing: a model trained 2 steps barely reacts to its inputs yet)."""
+    from geodiff.ensemble import condition_cells, condition_fields
+
+    model = load_model(predictor_run["run"])
+    assert model.condition_fields == ("pr",)
+    assert model.meta["field_names"][-2:] == ["orog", "pr"]
+    assert model.fields.shape[0] == len(model.meta["field_names"]) - 1  # pr given per cell
+    held = predictor_run["source"].isel(time=[5, 15])
+    seen = []
+    hook = model.denoiser.register_forward_pre_hook(lambda m, args: seen.append(args[2]))
+    a = generate_ensemble(model, 2, held, seed=0, batch_size=4, progress=False)
+    hook.remove()
+    own = condition_fields(model, held, condition_cells(model, held))[:, 0]  # (2, lat, lon)
+    first = model.padding.crop(seen[0][:, -1]).numpy()  # items (cell, member): 00 10 01 11
+    for item, cell in enumerate([0, 1, 0, 1]):
+        np.testing.assert_array_equal(first[item], own[cell])
+    assert not np.array_equal(own[0], own[1])
+    again = generate_ensemble(model, 2, held.copy(deep=True), seed=0, progress=False)
+    np.testing.assert_array_equal(a["tas"].values, again["tas"].values)
+    other = held.copy(deep=True)
+    other["pr"][1] = other["pr"][1] * 3.0 + 5.0  # only the second cell's predictor
+    b = generate_ensemble(model, 2, other, seed=0, progress=False)
+    np.testing.assert_array_equal(a["tas"].isel(time=0).values, b["tas"].isel(time=0).values)
+    assert not np.array_equal(a["tas"].isel(time=1).values, b["tas"].isel(time=1).values,
+                              equal_nan=True)
+    assert a["tas"].dims == ("member", "time", "latitude", "longitude")
+    assert "pr" not in a.data_vars and "orog" not in a.data_vars
+
+
+def test_condition_fields_are_scaled_and_padded_exactly_as_in_training(predictor_run):
+    from geodiff.ensemble import condition_cells, condition_fields, network_fields
+    from geodiff.pipeline import prepare_data
+
+    model = load_model(predictor_run["run"])
+    bundle = prepare_data(predictor_run["recipe"])
+    i = 11
+    time = bundle.splits["train"]["time"].values[i]
+    cond = predictor_run["source"][["pr"]].sel(time=[time])
+    # latitude ascending and longitude 0..360 (the source: descending, -180..180)
+    cond = cond.sortby("latitude").assign_coords(longitude=cond["longitude"] % 360)
+    cond = cond.sortby("longitude")
+    cells = condition_cells(model, cond)
+    fields = network_fields(model, condition_fields(model, cond, cells), [0])[0]
+    assert torch.equal(fields, bundle.train[i]["fields"])  # coords, mask, orog, pr
+
+
+def test_condition_fields_missing_from_the_request_are_refused_before_any_work(
+        predictor_run, tmp_path):
+    run, held = predictor_run["run"], predictor_run["source"].isel(time=[5])
+    out = tmp_path / "e.nc"
+    with pytest.raises(ValueError, match=r"condition fields \['pr'\] \(conditioning.fields\)"
+                                         r".*pass an xarray Dataset"):
+        generate_ensemble(run, 2, {"time": held["time"].values}, out=out, progress=False)
+    with pytest.raises(ValueError, match=r"variable\(s\) \['pr'\] the model needs are not in "
+                                         r"conditions"):
+        generate_ensemble(run, 2, held[["tas"]], out=out, progress=False)
+    shifted = held.assign_coords(latitude=held["latitude"] + 1.0)
+    with pytest.raises(ValueError, match="conditions are not on the data grid"):
+        generate_ensemble(run, 2, shifted, out=out, progress=False)
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_generate_reads_condition_fields_from_the_conditions_file(predictor_run,
+                                                                       tmp_path):
+    from geodiff.cli import main
+
+    held = predictor_run["source"].isel(time=[5, 15])
+    held[["pr"]].to_netcdf(tmp_path / "cond.nc")
+    out = tmp_path / "e.nc"
+    assert main(["generate", str(predictor_run["run"]), "--members", "2", "--seed", "4",
+                 "--conditions", str(tmp_path / "cond.nc"), "--out", str(out),
+                 "--device", "cpu"]) == 0
+    ref = generate_ensemble(predictor_run["run"], 2, held, seed=4, progress=False)
+    with xr.open_dataset(out) as ds:
+        np.testing.assert_array_equal(ds["tas"].values, ref["tas"].values)
+
+
+def test_gap_filling_with_condition_fields(predictor_run):
+    """The observed Dataset carries the predictor of each field; the network sees it."""
+    from geodiff.ensemble import condition_cells, condition_fields
+
+    model = load_model(predictor_run["run"])
+    obs = predictor_run["source"].isel(time=[5, 25]).copy(deep=True)
+    obs["tas"] = obs["tas"].where(np.random.default_rng(2).random(obs["tas"].shape) > 0.3)
+    seen_fields = []
+    hook = model.denoiser.register_forward_pre_hook(lambda m, a: seen_fields.append(a[2]))
+    filled = fill_gaps(model, obs, members=1, steps=2, resample=1, progress=False)
+    hook.remove()
+    own = condition_fields(model, obs, condition_cells(model, obs))[:, 0]  # (2, lat, lon)
+    np.testing.assert_array_equal(model.padding.crop(seen_fields[0][:, -1]).numpy(), own)
+    seen = obs["tas"].notnull()
+    np.testing.assert_array_equal(filled["tas"].isel(member=0).where(seen).values,
+                                  obs["tas"].where(seen).values)
+    with pytest.raises(ValueError, match=r"\['pr'\] the model needs are not in observed fields"):
+        fill_gaps(predictor_run["run"], obs[["tas"]], members=1, steps=1, progress=False)

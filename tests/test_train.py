@@ -18,7 +18,7 @@ import xarray as xr
 
 from geodiff import checkpoint as ckpt
 from geodiff.train import NonFiniteLossError, Trainer, batch_indices, lr_factor, train
-from tests.toy import recipe_path, toy_field_file, toy_recipe
+from tests.toy import recipe_path, toy_field_file, toy_predictor_file, toy_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -183,6 +183,53 @@ def test_mask_channel_is_decided_by_the_train_split_for_val_and_generation(tmp_p
     ens = generate_ensemble(model, members=1, conditions={"time": src.time.values[:1]},
                             steps=2, progress=False)
     assert ens["tas"].shape == (1, 1, 8, 16) and not bool(ens["tas"].isnull().any())
+
+
+def test_condition_and_static_fields_are_opened_scaled_and_recorded(tmp_path):
+    """conditioning.fields are opened with the data and scaled by its Scaler (own statistics
+    of the train split), not fed raw; static fields enter standardised and, with the
+    coordinate and mask channels, are stored in the checkpoint, whose fields leave out the
+    time-varying ones (given per cell at generation)."""
+    from geodiff.pipeline import prepare_data
+
+    source = toy_predictor_file(tmp_path / "pred.nc")
+    recipe = toy_recipe(tmp_path, data=source, training={"steps": 2, "checkpoint_every": 2},
+                        conditioning={"fields": ["pr"], "static_fields": ["orog"]})
+    bundle = prepare_data(recipe)
+    assert bundle.scaler.variables == ("tas", "pr")
+    names = ["sin_lat", "cos_lat", "sin_lon", "cos_lon", "mask", "orog", "pr"]
+    assert bundle.train.field_names == names and bundle.train.condition_channels == ["pr"]
+    # 8 x 16 grid: no padding. Trend anomaly / per-pixel std, standard scaling with n_std=4:
+    # mean 0 and std 1/4 over the train split (raw pr: gamma(2, 1), mean 2, std 1.4)
+    pr = torch.stack([bundle.train[i]["fields"][-1] for i in range(len(bundle.train))])
+    assert abs(float(pr.mean())) < 1e-3 and float(pr.std()) == pytest.approx(0.25, rel=0.02)
+    orog = xr.open_dataset(source)["orog"].sortby("latitude").values  # canonical: S to N
+    assert bundle.fields.shape == (6, 8, 16)
+    np.testing.assert_allclose(bundle.fields[5].numpy(), (orog - orog.mean()) / orog.std(),
+                               rtol=1e-5, atol=1e-6)
+    assert bundle.spec["in_channels"] == 1 + 7
+    static_as_field = recipe.override(["conditioning.fields=[orog]",
+                                       "conditioning.static_fields=[]"])
+    with pytest.raises(ValueError, match=r"'orog' has dims \('lat', 'lon'\), without the "
+                                         r"sample dims \['time'\]; list time-invariant"):
+        prepare_data(static_as_field)
+    result = train(recipe, tmp_path / "run", progress=False)
+    meta = ckpt.load_meta(result.checkpoint)
+    assert meta["field_names"] == names and meta["condition_channels"] == ["pr"]
+    assert np.asarray(meta["fields"]).shape == (6, 8, 16)
+    assert list(meta["scaler"]["variables"]) == ["tas", "pr"]
+
+
+@pytest.mark.parametrize(("conditioning", "fragment"), [
+    ({"fields": ["tas"]}, r"conditioning.fields = \['tas'\] is invalid.*\['tas'\] would be"),
+    ({"static_fields": ["tas"]}, r"conditioning.static_fields = \['tas'\] is invalid"),
+    ({"fields": ["pr"], "static_fields": ["pr"]}, r"other than conditioning.fields"),
+])
+def test_a_condition_field_that_is_also_generated_is_refused(tmp_path, conditioning, fragment):
+    from geodiff.config import ConfigError
+
+    with pytest.raises(ConfigError, match=fragment):
+        toy_recipe(tmp_path, conditioning=conditioning)
 
 
 def test_batch_order_and_lr_schedule_are_pure_functions_of_the_step():

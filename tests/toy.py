@@ -80,3 +80,47 @@ def toy_recipe(tmp_path: Path, *, data: Path | None = None, **sections) -> Recip
 
 def recipe_path(tmp_path: Path) -> Path:
     return tmp_path / "toy_recipe.yaml"
+
+
+def toy_level_file(path: Path, *, n_time: int = 40, n_lat: int = 8, n_lon: int = 16,
+                   seed: int = 0) -> Path:
+    """``ta(time, plev, lat, lon)`` (K) on the pressure levels 850 and 500 hPa (float32, CF
+    attributes), latitude descending, longitude 0..360.
+
+    ``ta`` = 280 K at 850 hPa, 250 K at 500 hPa, + a trend in year + noise; at 850 hPa a
+    block of pixels (a mountain, below ground) is NaN in every field, valid at 500 hPa.
+    """
+    import cftime
+
+    rng = np.random.default_rng(seed)
+    lat = np.linspace(78.75, -78.75, n_lat)
+    lon = np.arange(n_lon) * 360.0 / n_lon
+    years = 1900 + np.arange(n_time)
+    plev = np.array([850.0, 500.0], np.float32)
+    ta = (np.array([280.0, 250.0])[None, :, None, None]
+          + 0.02 * (years - 1900)[:, None, None, None]
+          + rng.normal(size=(n_time, 2, n_lat, n_lon)))
+    ta[:, 0, :2, 4:8] = np.nan
+    ds = xr.Dataset(
+        {"ta": (("time", "plev", "lat", "lon"), ta.astype(np.float32),
+                {"units": "K", "standard_name": "air_temperature"})},
+        coords={"time": [cftime.Datetime360Day(int(y), 6, 1) for y in years],
+                "plev": ("plev", plev, {"units": "hPa", "standard_name": "air_pressure",
+                                        "axis": "Z", "positive": "down"}),
+                "lat": ("lat", lat, {"units": "degrees_north", "standard_name": "latitude"}),
+                "lon": ("lon", lon, {"units": "degrees_east", "standard_name": "longitude"})})
+    ds.to_netcdf(path)
+    return path
+
+
+def toy_predictor_file(path: Path, *, seed: int = 1) -> Path:
+    """:func:`toy_field_file` plus a time-varying predictor ``pr(time, lat, lon)`` (mm/day,
+    gamma distributed) and a static ``orog(lat, lon)`` (m)."""
+    ds = xr.open_dataset(toy_field_file(path.with_name(path.stem + "_tas.nc"))).load()
+    rng = np.random.default_rng(seed)
+    ds["pr"] = (ds["tas"].dims, rng.gamma(2.0, 1.0, ds["tas"].shape).astype(np.float32),
+                {"units": "mm/day", "long_name": "precipitation"})
+    ds["orog"] = (ds["tas"].dims[1:], (3000.0 * rng.random(ds["tas"].shape[1:])
+                                       ).astype(np.float32), {"units": "m"})
+    ds.to_netcdf(path)
+    return path
