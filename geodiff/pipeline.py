@@ -44,6 +44,9 @@ class DataBundle:
     sample_dims: tuple[str, ...]
     variables: tuple[str, ...]
     var_attrs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    pole_padding_fits: bool = False
+    """Whether the network may pad across the poles (:func:`pole_padding_fits`); stored as
+    the spec's ``global_lat``, which ``model.pole_padding: auto`` follows."""
     levels: dict[str, dict[str, Any]] = field(default_factory=dict)
     """``{name: {"values": [...], "dtype": str}}``: the vertical levels of each variable or
     condition field with a level dim, in channel order (``name@level``)."""
@@ -57,7 +60,7 @@ class DataBundle:
         """What the network shape depends on (stored in the checkpoint)."""
         return {"in_channels": self.channels + self.train.n_fields,
                 "out_channels": self.channels, "cond_dim": int(self.cond_spec.dim),
-                "periodic": bool(self.grid.periodic), "global_lat": bool(self.grid.global_lat),
+                "periodic": bool(self.grid.periodic), "global_lat": bool(self.pole_padding_fits),
                 "sigma_data": self.sigma_data}
 
     @property
@@ -148,6 +151,12 @@ def prepare_data(recipe: Recipe) -> DataBundle:
     multiple = 2 ** (len(recipe.model.channels) - 1)
     padding = data.compute_padding(ds.sizes[grid.LAT], ds.sizes[grid.LON], multiple,
                                    info.periodic)
+    fits, why = pole_padding_fits(np.asarray(info.lat), np.asarray(info.lon), info.periodic,
+                                  padding, multiple)
+    if recipe.model.pole_padding == "yes" and not fits:
+        raise ValueError(f"model.pole_padding='yes' cannot be done exactly on this grid: {why}; "
+                         "set model.pole_padding: auto (zero padding across the poles) or "
+                         "change the grid or the number of levels")
 
     def dataset(split: xr.Dataset, name: str, with_mask: bool | None):
         if dc.reader == "tensorstore":  # the same split, read without dask, scaled per batch
@@ -169,7 +178,8 @@ def prepare_data(recipe: Recipe) -> DataBundle:
     val = (dataset(splits["val"], "val", train.with_mask)
            if _n_samples(splits.get("val"), dc.sample_dims) else None)
     valid = _valid_channels(splits["train"], dc.variables)
-    return DataBundle(source=ds, splits=splits, scaler=scaler, cond_spec=cond_spec,
+    return DataBundle(pole_padding_fits=fits, source=ds, splits=splits, scaler=scaler,
+                      cond_spec=cond_spec,
                       padding=padding, train=train, val=val, grid=info, valid=valid,
                       fields=_generation_fields(train, valid), sample_dims=tuple(dc.sample_dims),
                       variables=tuple(dc.variables),
@@ -199,6 +209,40 @@ def _levels(da: xr.DataArray) -> dict[str, Any]:
 
     values = np.asarray(da[LEVEL].values)
     return {"values": [_plain(v) for v in values], "dtype": values.dtype.str}
+
+
+def pole_padding_fits(lat: np.ndarray, lon: np.ndarray, periodic: bool, padding: Any,
+                      multiple: int) -> tuple[bool, str]:
+    """Whether the network's cross-pole padding (:class:`geodiff.nn.LatLonPad`: the row
+    beyond a pole is the first row seen from ``lon + 180``) is exact on this grid, and why
+    not.
+
+    It needs a periodic grid whose rows are cell-centred from pole to pole (the first and
+    last rows half a spacing from the poles: a row *at* +-90 has no row across the pole), no
+    data-layer padding (padded rows or columns would be taken for real ones, and
+    ``lon + 180`` would be counted on the padded width) and an even number of longitudes at
+    the coarsest level (``W / multiple``). Otherwise ``model.pole_padding: auto`` zero-pads
+    latitude, as on a regional grid.
+    """
+    lat = np.asarray(lat, dtype=np.float64)
+    if not periodic:
+        return False, "the longitudes do not cover the globe"
+    if lat.size < 2:
+        return False, "fewer than 2 latitudes"
+    step = abs(float(lat[1] - lat[0]))
+    tol = 1e-3 * step
+    if abs(lat.min() + 90.0 - step / 2) > tol or abs(90.0 - lat.max() - step / 2) > tol:
+        return False, (f"the rows are not cell-centred from pole to pole (first/last "
+                       f"{lat.min():g}/{lat.max():g} with spacing {step:g}; rows at +-90 have "
+                       "no row across the pole)")
+    pads = (padding.lat_before, padding.lat_after, padding.lon_before, padding.lon_after)
+    if any(pads):
+        return False, (f"the grid {lat.size} x {len(lon)} is padded to multiples of "
+                       f"{multiple} (lat/lon padding {pads})")
+    if (len(lon) // multiple) % 2:
+        return False, (f"{len(lon)} longitudes give an odd width {len(lon) // multiple} at "
+                       "the coarsest level")
+    return True, ""
 
 
 def build_denoiser(recipe: Recipe, spec: dict[str, Any] | DataBundle) -> nn.Module:

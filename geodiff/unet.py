@@ -150,7 +150,9 @@ class LatLonUNet(nn.Module):
         """Build the network of a recipe's ``model`` section for a grid.
 
         ``periodic_lon``/``pole_padding`` ``"auto"`` follow the grid: circular longitude
-        padding when ``periodic``, pole padding when ``periodic and global_lat``.
+        padding when ``periodic``, pole padding when ``periodic and global_lat`` (for data
+        prepared by :func:`geodiff.pipeline.prepare_data`, ``global_lat`` says whether
+        pole padding is exact there: :func:`geodiff.pipeline.pole_padding_fits`).
         """
         periodic_lon = {"auto": periodic, "yes": True, "no": False}[cfg.periodic_lon]
         pole = {"auto": periodic_lon and global_lat, "yes": True, "no": False}[cfg.pole_padding]

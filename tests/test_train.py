@@ -276,3 +276,33 @@ def test_tensorstore_reader_through_threads_trains_bit_identically(tmp_path):
     a, b = _weights(ref.run_dir), _weights(run.run_dir)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert run.final_loss == ref.final_loss
+
+
+def test_pole_padding_only_where_it_is_exact(tmp_path):
+    """Cross-pole padding needs cell-centred rows from pole to pole, no data-layer padding
+    and an even width at the coarsest level; otherwise auto falls back to zero padding and
+    'yes' is refused before any training."""
+    from geodiff.data import compute_padding
+    from geodiff.pipeline import pole_padding_fits, prepare_data
+
+    def fits(lat, n_lon, multiple):
+        lon = np.arange(n_lon) * 360.0 / n_lon
+        pad = compute_padding(len(lat), n_lon, multiple, True)
+        return pole_padding_fits(np.asarray(lat), lon, True, pad, multiple)
+
+    centred = np.linspace(-78.75, 78.75, 8)  # 22.5 deg rows, half a row from each pole
+    assert fits(centred, 16, 2) == (True, "")
+    assert fits(centred, 16, 4)[0]  # 16 / 4 = 4 columns at the coarsest level
+    ok, why = fits(np.linspace(-90.0, 90.0, 9), 16, 2)  # rows at the poles (ERA5-style)
+    assert not ok and "not cell-centred" in why
+    ok, why = fits(np.linspace(-85.0, 85.0, 18), 36, 4)  # 18 x 36 padded to 20 x 36
+    assert not ok and "padded to multiples of 4" in why
+    assert fits(centred, 24, 4)[0]  # 24 / 4 = 6 columns: even
+    ok, why = fits(centred, 24, 8)  # 24 / 8 = 3: odd
+    assert not ok and "odd width 3" in why
+    bundle = prepare_data(toy_recipe(tmp_path))  # the toy grid: 8 x 16, cell-centred
+    assert bundle.spec["global_lat"] is True
+    odd = toy_field_file(tmp_path / "odd.nc", n_lon=18)  # 18 / 2 = 9: odd coarsest width
+    assert prepare_data(toy_recipe(tmp_path, data=odd)).spec["global_lat"] is False
+    with pytest.raises(ValueError, match="odd width 9 at the coarsest level"):
+        prepare_data(toy_recipe(tmp_path, data=odd, model={"pole_padding": "yes"}))
