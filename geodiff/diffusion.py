@@ -310,14 +310,18 @@ def _log_normal_interval(lower: Tensor, upper: Tensor) -> Tensor:
 def discretized_gaussian_nll(x0: Tensor, mean: Tensor, var: Tensor, bin_width: float) -> Tensor:
     """-log P(bin of x0) under N(mean, var), per element, in nats (Ho et al. 2020, eq. 13).
 
-    The bin is ``[x0 - bin_width/2, x0 + bin_width/2]``; a bin reaching -1 (or 1) is extended
-    to -inf (or +inf), as for the first (last) of the 256 levels over [-1, 1].  For data on that
-    grid (``bin_width = 2/255``) this is eq. 13 exactly; for continuous data it is the
-    probability of the bin centred on the value (so ``-log P ~ -log p(x0) - log bin_width``).
+    The bin is ``[x0 - bin_width/2, x0 + bin_width/2]``; the bin of the end level -1 (or 1)
+    itself is extended to -inf (or +inf), as for the first (last) of the 256 levels over
+    [-1, 1].  For data on that grid (``bin_width = 2/255``) this is eq. 13 exactly; for
+    continuous data it is the probability of the bin centred on the value (so ``-log P ~
+    -log p(x0) - log bin_width``). Only values *at* an end level get the half-infinite bin:
+    continuous data beyond +-1 (standardised fields often are) keeps its centred bin, or the
+    bound would fall below the likelihood there.
     """
     std = var.sqrt()
-    lower = torch.where(x0 - bin_width / 2 <= -1.0, -math.inf, (x0 - bin_width / 2 - mean) / std)
-    upper = torch.where(x0 + bin_width / 2 >= 1.0, math.inf, (x0 + bin_width / 2 - mean) / std)
+    at_end = 1e-3 * bin_width  # data on the grid sits on the end levels to rounding
+    lower = torch.where((x0 + 1.0).abs() <= at_end, -math.inf, (x0 - bin_width / 2 - mean) / std)
+    upper = torch.where((x0 - 1.0).abs() <= at_end, math.inf, (x0 + bin_width / 2 - mean) / std)
     return -_log_normal_interval(lower, upper)
 
 

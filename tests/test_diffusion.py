@@ -558,3 +558,17 @@ def test_estimate_sigma_data_weighted_by_hand():
         estimate_sigma_data(torch.ones(4))
     with pytest.raises(ValueError, match="sum to 0"):
         estimate_sigma_data(x, torch.zeros(4))
+
+
+def test_decoder_bins_beyond_the_end_levels_stay_centred():
+    """Continuous data beyond +-1 keeps a centred bin: the decoder cost is the same function
+    of (x0 - mean) / std wherever x0 lies, so the bound cannot drop below the likelihood
+    outside [-1, 1] (a half-infinite bin there cost 0.6 instead of 1.7 bits)."""
+    var = torch.full((4,), 0.09, dtype=torch.float64)
+    x0 = torch.tensor([0.5, 1.5, 3.0, -2.0], dtype=torch.float64)
+    nll = discretized_gaussian_nll(x0, x0 - 0.1, var, 2 / 255)
+    np.testing.assert_allclose(nll.numpy(), np.full(4, nll[0].item()), rtol=1e-9)
+    edge = discretized_gaussian_nll(torch.ones(1, dtype=torch.float64),
+                                    torch.full((1,), 0.9, dtype=torch.float64), var[:1], 2 / 255)
+    phi = 0.5 * (1 + math.erf((1 - 1 / 255 - 0.9) / 0.3 / math.sqrt(2)))
+    assert edge.item() == pytest.approx(-math.log(1 - phi), rel=1e-10)  # the last level
