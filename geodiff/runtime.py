@@ -13,17 +13,28 @@ import torch.distributed as dist
 def resolve_device(device: str | None = None) -> torch.device:
     """``None``/``"auto"``: CUDA when available, else CPU; otherwise the named device.
 
-    Under torchrun each rank uses ``cuda:LOCAL_RANK``.
+    Under torchrun each rank uses ``cuda:LOCAL_RANK``, for ``auto`` and for a bare ``cuda``
+    alike (an explicit index is kept).
     """
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device in (None, "auto"):
         if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            return torch.device("cuda", local_rank)
         return torch.device("cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} requested but CUDA is not available here; "
                          "use --device cpu (or auto)")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local_rank)  # one GPU per rank, not all on GPU 0
     return dev
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes in bf16 natively (CUDA compute capability >= 8.0, Ampere
+    on). ``torch.cuda.is_bf16_supported()`` also says yes for emulated bf16 (V100, T4),
+    which is slower than float32 there."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
@@ -35,9 +46,10 @@ def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManage
         if amp == "bf16" and device.type != "cuda":
             raise ValueError(f"amp='bf16' needs a CUDA device, got {device}; use amp: auto")
         return contextlib.nullcontext()
-    if not torch.cuda.is_bf16_supported():
+    if not native_bf16(device):
         if amp == "bf16":
-            raise ValueError(f"amp='bf16' but {torch.cuda.get_device_name(device)} lacks bf16")
+            raise ValueError(f"amp='bf16' but {torch.cuda.get_device_name(device)} has no "
+                             "native bf16 (compute capability < 8.0); use amp: auto or off")
         return contextlib.nullcontext()
     return torch.autocast("cuda", dtype=torch.bfloat16)
 
@@ -64,6 +76,8 @@ def init_distributed(device: torch.device) -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # nccl's collectives run on the current device
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return Dist(rank=dist.get_rank(), world=dist.get_world_size(),

@@ -107,6 +107,13 @@ class Trainer:
         if tc.batch_size % self.dist.world:
             raise ValueError(f"training.batch_size={tc.batch_size} must be divisible by the "
                              f"number of processes ({self.dist.world}) under torchrun")
+        # refused before the data are prepared and the networks built
+        existing = ckpt.latest_checkpoint(self.run_dir)
+        if existing is not None and not resume:
+            raise FileExistsError(
+                f"run_dir={str(self.run_dir)!r} already holds checkpoints ({existing.name}); "
+                "pass --resume to continue it or choose another --out")
+        autocast(self.device, tc.amp)  # raises for amp='bf16' where bf16 is not available
         self.data = data if data is not None else prepare_data(recipe)
         torch.manual_seed(tc.seed)  # only dropout uses the global generator
         self.denoiser = build_denoiser(recipe, self.data).to(self.device)
@@ -125,11 +132,6 @@ class Trainer:
                 if self.device.type == "cuda" else None)
         if tc.compile:
             self.train_module = torch.compile(self.train_module)
-        existing = ckpt.latest_checkpoint(self.run_dir)
-        if existing is not None and not resume:
-            raise FileExistsError(
-                f"run_dir={str(self.run_dir)!r} already holds checkpoints ({existing.name}); "
-                "pass --resume to continue it or choose another --out")
         if resume and existing is not None:
             self._restore(existing)
 
@@ -141,9 +143,13 @@ class Trainer:
         self.ema.load_state_dict(ckpt.load_weights(path, "ema"))
         state = ckpt.load_state(path)
         self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:  # the recipe's value, as recipe.yaml says
+            group["weight_decay"] = self.recipe.training.weight_decay
         torch.set_rng_state(state["torch_rng"])
         self.step = int(state["step"])
         self.last_checkpoint = path
+        if self.dist.is_main:
+            _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
 
     def _save(self) -> Path:
         path = ckpt.step_dir(self.run_dir, self.step)
@@ -191,22 +197,40 @@ class Trainer:
                 yield batch["index"].numpy(), batch
             return
         # (FieldDataset computes dask synchronously inside workers: no pool across fork)
+        # its own generator for the workers' base seed: drawing it from the global one
+        # (dropout's, restored on resume) would shift dropout after a resume
         loader = torch.utils.data.DataLoader(train, batch_sampler=steps, collate_fn=collate,
-                                             num_workers=tc.num_workers, prefetch_factor=2)
+                                             num_workers=tc.num_workers, prefetch_factor=2,
+                                             generator=torch.Generator().manual_seed(tc.seed))
         for batch in loader:
             yield batch["index"].numpy(), batch
 
     def loss_on(self, module: torch.nn.Module, batch: dict[str, torch.Tensor],
-                gen: torch.Generator) -> torch.Tensor:
-        """Loss of the global batch ``batch``; this rank evaluates its slice of the rows."""
+                gen: torch.Generator, *, sliced: bool = True) -> torch.Tensor:
+        """Loss of the global batch ``batch``.
+
+        With ``sliced`` (training) this rank evaluates its slice of the rows, scaled by
+        ``world * (its weight sum) / (the batch's weight sum)``, so that the gradients DDP
+        averages over the ranks are those of the global batch's weighted loss also when the
+        samples' gaps differ (1 when every sample has the same weights). Without it (the
+        validation loss) every rank evaluates the whole batch.
+        """
         noise_level, noise = draw_noise(self.recipe, batch["x"].shape, gen)
         cond_drop = self._cond_drop(gen, batch["x"].shape[0])
-        rows = slice(self.dist.rank, None, self.dist.world)
+        world = self.dist.world if sliced else 1
+        rows = slice(self.dist.rank if sliced else 0, None, world)
         dev = self.device
         local = {k: v[rows].to(dev) for k, v in batch.items()}
         with autocast(dev, self.recipe.training.amp):
-            return module(local["x"], local["weight"], local["fields"], local["cond"],
+            loss = module(local["x"], local["weight"], local["fields"], local["cond"],
                           noise_level[rows].to(dev), noise[rows].to(dev), cond_drop[rows].to(dev))
+        if world > 1:
+            w = batch["weight"]
+            if not self.recipe.diffusion.lat_weighted:
+                w = (w > 0).to(w.dtype)
+            w = torch.broadcast_to(w, batch["x"].shape).double()
+            loss = loss * float(world * w[rows].sum() / w.sum())
+        return loss
 
     def _cond_drop(self, gen: torch.Generator, n: int) -> torch.Tensor:
         p = self.recipe.conditioning.dropout
@@ -230,7 +254,8 @@ class Trainer:
         for b in range(min(max_batches, math.ceil(len(val) / tc.batch_size))):
             idx = np.arange(b * tc.batch_size, min(len(val), (b + 1) * tc.batch_size))
             batch = self._batch(0, idx, dataset=val)
-            loss = self.loss_on(self.ema_objective, batch, step_generator(tc.seed + 7919, b))
+            loss = self.loss_on(self.ema_objective, batch, step_generator(tc.seed + 7919, b),
+                                sliced=False)
             total += float(loss) * len(idx)
             count += len(idx)
         return total / count
@@ -261,15 +286,38 @@ class Trainer:
                                 weight=batch["weight"].to(dev), timesteps=timesteps)
         return float(bits.mean())
 
-    def _nonfinite(self, step: int, indices: np.ndarray, loss: torch.Tensor) -> None:
+    def _nonfinite(self, step: int, indices: np.ndarray, loss: torch.Tensor,
+                   consecutive: int = 0) -> None:
         labels = [self.data.train.sample_coords(int(i)) for i in indices[:8]]
         where = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
                  else "no checkpoint was written yet")
+        if consecutive:
+            raise NonFiniteLossError(
+                f"the loss was non-finite on {consecutive} consecutive steps up to step {step} "
+                f"(training.on_nonfinite: skip): the weights have diverged, skipping cannot "
+                f"recover. {where[0].upper()}{where[1:]}. Lower training.lr or check the data "
+                "for extreme values, then resume from that checkpoint.")
         raise NonFiniteLossError(
             f"loss became {loss.detach().item()} at step {step} on a batch with samples "
             f"{labels} ...; "
             f"{where}. Lower training.lr, check the data for extreme values, or set "
             "training.on_nonfinite: skip to skip such batches.")
+
+    def _every_rank(self, flag: bool) -> bool:
+        """``flag`` and-ed over all ranks (itself in a single process)."""
+        if not self.dist.enabled:
+            return flag
+        t = torch.tensor([float(flag)], device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        return bool(t.item())
+
+    def _mean_over_ranks(self, loss: torch.Tensor) -> float:
+        """The global batch's loss from the ranks' scaled slice losses (their mean)."""
+        if not self.dist.enabled:
+            return float(loss)
+        t = loss.detach().float().reshape(1).clone()
+        torch.distributed.all_reduce(t)
+        return float(t.item()) / self.dist.world
 
     # -- loop ---------------------------------------------------------------------------
     def fit(self) -> TrainResult:
@@ -283,6 +331,7 @@ class Trainer:
         t0 = time.perf_counter()
         last_loss = float("nan")
         val_loss: float | None = None
+        skipped = consecutive = 0
         self.denoiser.train()
         batches = self._training_batches(self.step)
         while self.step < tc.steps:
@@ -292,23 +341,33 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = tc.lr * lr_factor(step, tc.warmup_steps, tc.steps, tc.lr_schedule)
             loss = self.loss_on(self.train_module, batch, gen)
-            if not torch.isfinite(loss):
+            # every rank takes the same decision (a rank skipping backward alone would leave
+            # the others waiting in DDP's gradient all-reduce)
+            finite = self._every_rank(bool(torch.isfinite(loss)))
+            if not finite:
                 if tc.on_nonfinite == "stop":
                     self._nonfinite(step, indices, loss)
-                self.step += 1
-                continue
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if tc.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.denoiser.parameters(), tc.grad_clip)
-            self.optimizer.step()
-            self._update_ema(0.0 if step < tc.ema_warmup_steps else decay)
+                skipped += 1
+                consecutive += 1
+                if consecutive >= MAX_CONSECUTIVE_SKIPS:
+                    self._nonfinite(step, indices, loss, consecutive)
+            else:
+                consecutive = 0
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if tc.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(self.denoiser.parameters(), tc.grad_clip)
+                self.optimizer.step()
+                self._update_ema(0.0 if step < tc.ema_warmup_steps else decay)
+                last_loss = self._mean_over_ranks(loss.detach())
             self.step += 1
-            last_loss = float(loss.detach())
             elapsed = time.perf_counter() - t0
-            record: dict[str, Any] = {"step": self.step, "loss": last_loss,
+            record: dict[str, Any] = {"step": self.step,
+                                      "loss": last_loss if finite else None,
                                       "lr": self.optimizer.param_groups[0]["lr"],
                                       "elapsed_s": round(elapsed, 3)}
+            if not finite:
+                record["skipped_nonfinite"] = skipped
             if self.step % tc.val_every == 0 or self.step == tc.steps:
                 val_loss = self.validation_loss()
                 record["val_loss"] = val_loss
@@ -318,16 +377,17 @@ class Trainer:
             bar.set_postfix(loss=f"{last_loss:.4f}",
                             samples_s=f"{tc.batch_size * bar.n / max(elapsed, 1e-9):.1f}")
             out_of_time = tc.max_time_s is not None and elapsed >= tc.max_time_s
-            if out_of_time and self.dist.enabled:  # all ranks must stop at the same step
-                flag = torch.tensor([float(out_of_time)])
-                torch.distributed.broadcast(flag, 0)
-                out_of_time = bool(flag.item())
+            if tc.max_time_s is not None:  # every rank, every step: all stop at the same step
+                out_of_time = not self._every_rank(not out_of_time)
             if self.step % tc.checkpoint_every == 0 or self.step == tc.steps or out_of_time:
                 self._save()
             if out_of_time:
                 bar.write(f"training.max_time_s={tc.max_time_s} reached at step {self.step}")
                 break
         bar.close()
+        if skipped and self.progress:
+            print(f"training.on_nonfinite=skip: {skipped} step(s) had a non-finite loss and "
+                  "were skipped (see metrics.jsonl, skipped_nonfinite)", flush=True)
         seconds = time.perf_counter() - t0
         if self.last_checkpoint is None or ckpt.latest_checkpoint(self.run_dir) is None:
             self._save()
@@ -355,6 +415,26 @@ def _progress(total: int, initial: int, enabled: bool):
 
     return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step",
                 dynamic_ncols=True)
+
+
+MAX_CONSECUTIVE_SKIPS = 10
+"""``on_nonfinite: skip`` gives up after this many non-finite steps in a row."""
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the records of ``metrics.jsonl`` up to ``step`` (a resumed run logs the steps after
+    its checkpoint again) and drop a line torn by a kill; rewritten atomically."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            keep.append(line)
+    _write_text(path, "".join(f"{line}\n" for line in keep))
 
 
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:

@@ -123,6 +123,15 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     lr = recipe.training.lr
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert worst < 0.1 * lr, worst
+
+    def logged(run, key):
+        return [json.loads(line)[key] for line in (tmp_path / run / "metrics.jsonl").open()
+                if key in json.loads(line)]
+
+    # the logged losses are the global batch's, not rank 0's half (which differ by ~5 %)
+    assert logged("ddp", "val_loss")[-1] == pytest.approx(logged("single", "val_loss")[-1],
+                                                          rel=1e-3)
+    assert logged("ddp", "loss") == pytest.approx(logged("single", "loss"), rel=1e-3)
     other = train(recipe.override(["training.seed=1"]), tmp_path / "seed1", progress=False)
     c = _weights(other.run_dir)
     assert max(float((a[k] - c[k]).abs().max()) for k in a) > lr
@@ -137,11 +146,51 @@ def test_nonfinite_loss_stops_with_step_batch_and_checkpoint(tmp_path):
     assert "at step" in msg and "time" in msg and "step_" in msg and "on_nonfinite" in msg
 
 
-def test_nonfinite_loss_can_be_skipped(tmp_path):
-    recipe = toy_recipe(tmp_path, training={"steps": 12, "lr": 1e12, "grad_clip": 0.0,
-                                            "warmup_steps": 0, "on_nonfinite": "skip"})
-    result = train(recipe, tmp_path / "run", progress=False)
-    assert result.steps == 12
+def test_nonfinite_loss_can_be_skipped(tmp_path, monkeypatch):
+    """A skipped step still checkpoints, validates and logs; diverged weights (every step
+    non-finite) stop the run instead of being 'skipped' to the end."""
+    from geodiff.train import MAX_CONSECUTIVE_SKIPS, Trainer
+
+    recipe = toy_recipe(tmp_path, training={"steps": 8, "checkpoint_every": 4,
+                                            "on_nonfinite": "skip"})
+    trainer = Trainer(recipe, tmp_path / "run", progress=False)
+    real = trainer.loss_on
+
+    def bad_last_step(module, batch, gen, **kw):
+        loss = real(module, batch, gen, **kw)
+        return loss * float("nan") if trainer.step == 7 and module is trainer.train_module \
+            else loss
+
+    monkeypatch.setattr(trainer, "loss_on", bad_last_step)
+    result = trainer.fit()
+    assert result.steps == 8 and result.checkpoint.name == "step_0000008"
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    last = [r for r in records if r.get("step") == 8 and "lr" in r][0]
+    assert last["loss"] is None and last["skipped_nonfinite"] == 1 and "val_loss" in last
+    (tmp_path / "b").mkdir()
+    diverging = toy_recipe(tmp_path / "b", training={"steps": 40, "lr": 1e12, "grad_clip": 0.0,
+                                                     "warmup_steps": 0, "on_nonfinite": "skip"})
+    with pytest.raises(NonFiniteLossError, match=f"non-finite on {MAX_CONSECUTIVE_SKIPS} "
+                                                 "consecutive steps"):
+        train(diverging, tmp_path / "run2", progress=False)
+
+
+def test_resume_drops_the_metrics_logged_after_the_checkpoint_and_applies_the_recipe(
+        tmp_path):
+    from geodiff.train import Trainer, _truncate_metrics
+
+    recipe = toy_recipe(tmp_path, training={"steps": 4, "checkpoint_every": 2})
+    train(recipe, tmp_path / "run", progress=False)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    with metrics.open("a") as fh:  # as if killed after step 6 (checkpoint at 4), mid-line
+        fh.write(json.dumps({"step": 5, "loss": 1.0}) + "\n" + '{"step": 6, "lo')
+    longer = recipe.override(["training.steps=8", "training.weight_decay=0.05"])
+    trainer = Trainer(longer, tmp_path / "run", resume=True, progress=False)
+    assert trainer.step == 4
+    assert [g["weight_decay"] for g in trainer.optimizer.param_groups] == [0.05]
+    steps = [json.loads(line)["step"] for line in metrics.open()]
+    assert max(steps) == 4 and steps == sorted(steps)
+    _truncate_metrics(tmp_path / "absent.jsonl", 3)  # nothing to do, no error
 
 
 def test_resume_against_other_grid_says_what_differs(tmp_path):
