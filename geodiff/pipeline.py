@@ -45,6 +45,10 @@ class DataBundle:
     variables: tuple[str, ...]
     var_attrs: dict[str, dict[str, Any]] = field(default_factory=dict)
     pole_padding_fits: bool = False
+    noise_max_freq: float = 1e2
+    """The network's fastest noise-label frequency (``LatLonUNet(noise_max_freq=)``): 1 rad
+    per timestep for DDPM models, 1e2 for EDM; stored in the spec (checkpoints without it
+    were built with 1e2)."""
     """Whether the network may pad across the poles (:func:`pole_padding_fits`); stored as
     the spec's ``global_lat``, which ``model.pole_padding: auto`` follows."""
     levels: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -61,7 +65,7 @@ class DataBundle:
         return {"in_channels": self.channels + self.train.n_fields,
                 "out_channels": self.channels, "cond_dim": int(self.cond_spec.dim),
                 "periodic": bool(self.grid.periodic), "global_lat": bool(self.pole_padding_fits),
-                "sigma_data": self.sigma_data}
+                "sigma_data": self.sigma_data, "noise_max_freq": self.noise_max_freq}
 
     @property
     def sigma_data(self) -> float:
@@ -178,8 +182,9 @@ def prepare_data(recipe: Recipe) -> DataBundle:
     val = (dataset(splits["val"], "val", train.with_mask)
            if _n_samples(splits.get("val"), dc.sample_dims) else None)
     valid = _valid_channels(splits["train"], dc.variables)
-    return DataBundle(pole_padding_fits=fits, source=ds, splits=splits, scaler=scaler,
-                      cond_spec=cond_spec,
+    noise_max_freq = 1.0 if recipe.diffusion.parameterization == "ddpm" else 1e2
+    return DataBundle(pole_padding_fits=fits, noise_max_freq=noise_max_freq, source=ds,
+                      splits=splits, scaler=scaler, cond_spec=cond_spec,
                       padding=padding, train=train, val=val, grid=info, valid=valid,
                       fields=_generation_fields(train, valid), sample_dims=tuple(dc.sample_dims),
                       variables=tuple(dc.variables),
@@ -252,7 +257,8 @@ def build_denoiser(recipe: Recipe, spec: dict[str, Any] | DataBundle) -> nn.Modu
     spec = spec.spec if isinstance(spec, DataBundle) else spec
     net = LatLonUNet.from_config(recipe.model, spec["in_channels"], spec["out_channels"],
                                  spec["cond_dim"], periodic=spec["periodic"],
-                                 global_lat=spec["global_lat"])
+                                 global_lat=spec["global_lat"],
+                                 noise_max_freq=float(spec.get("noise_max_freq", 1e2)))
     dc = recipe.diffusion
     if dc.parameterization == "edm":
         from geodiff.edm import EDMPrecond

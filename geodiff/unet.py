@@ -81,6 +81,12 @@ class LatLonUNet(nn.Module):
         Pad latitude with the rows across the pole (requires ``periodic_lon``).
     scale_shift
         Inject the embedding as scale and shift of the group norm (True) or additively.
+    noise_max_freq
+        Fastest angular frequency of the noise-label features (:class:`NoiseLevelEmbedding`),
+        in rad per unit of label: 1e2 suits EDM's ``c_noise`` (about -1.6..1.2); a DDPM
+        timestep label (0..T-1, fractional between the schedule's steps for Heun,
+        DPM-Solver++ and gap filling) needs <= 1 rad per step, or the features of t + 0.5
+        are unrelated to those of t and t + 1, which training on whole steps never showed.
 
     Notes
     -----
@@ -94,7 +100,7 @@ class LatLonUNet(nn.Module):
                  attention_levels: Sequence[int] = (2,), attention_heads: int = 4,
                  dropout: float = 0.0, groups: int = 8, cond_dim: int = 0,
                  periodic_lon: bool = False, pole_padding: bool = False,
-                 scale_shift: bool = True) -> None:
+                 scale_shift: bool = True, noise_max_freq: float = 1e2) -> None:
         super().__init__()
         channels = tuple(int(c) for c in channels)
         attention_levels = tuple(int(a) for a in attention_levels)
@@ -108,7 +114,8 @@ class LatLonUNet(nn.Module):
         common = {"emb_dim": emb_dim, "heads": attention_heads, "groups": groups,
                   "dropout": dropout, "scale_shift": scale_shift, "topology": topo}
 
-        self.noise_embedding = NoiseLevelEmbedding(channels[0], emb_dim)
+        self.noise_embedding = NoiseLevelEmbedding(channels[0], emb_dim,
+                                                   max_freq=noise_max_freq)
         self.cond_embedding = ConditionEmbedding(cond_dim, emb_dim) if cond_dim else None
         self.conv_in = LatLonConv2d(in_channels, channels[0], 3, topology=topo)
 
@@ -146,7 +153,8 @@ class LatLonUNet(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, in_channels: int, out_channels: int, cond_dim: int,
-                    periodic: bool, global_lat: bool) -> LatLonUNet:
+                    periodic: bool, global_lat: bool,
+                    noise_max_freq: float = 1e2) -> LatLonUNet:
         """Build the network of a recipe's ``model`` section for a grid.
 
         ``periodic_lon``/``pole_padding`` ``"auto"`` follow the grid: circular longitude
@@ -163,7 +171,8 @@ class LatLonUNet(nn.Module):
         return cls(in_channels, out_channels, channels=cfg.channels,
                    blocks_per_level=cfg.blocks_per_level, attention_levels=cfg.attention_levels,
                    attention_heads=cfg.attention_heads, dropout=cfg.dropout, groups=cfg.groups,
-                   cond_dim=cond_dim, periodic_lon=periodic_lon, pole_padding=pole)
+                   cond_dim=cond_dim, periodic_lon=periodic_lon, pole_padding=pole,
+                   noise_max_freq=noise_max_freq)
 
     def param_count(self, trainable_only: bool = True) -> int:
         """Number of (trainable) scalar parameters."""

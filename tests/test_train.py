@@ -355,3 +355,29 @@ def test_pole_padding_only_where_it_is_exact(tmp_path):
     assert prepare_data(toy_recipe(tmp_path, data=odd)).spec["global_lat"] is False
     with pytest.raises(ValueError, match="odd width 9 at the coarsest level"):
         prepare_data(toy_recipe(tmp_path, data=odd, model={"pole_padding": "yes"}))
+
+
+def test_ddpm_networks_embed_fractional_timesteps_smoothly(tmp_path):
+    """DDPM samplers other than ancestral/DDIM ask for fractional timesteps (Heun, DPM-Solver++,
+    gap filling): with at most 1 rad per step the features of t + 0.5 lie between those of t
+    and t + 1 (Ho et al.'s embedding); at 100 rad per step they are unrelated to both."""
+    from geodiff.nn import NoiseLevelEmbedding
+    from geodiff.pipeline import build_denoiser, prepare_data
+
+    recipe = toy_recipe(tmp_path, diffusion={"parameterization": "ddpm"})
+    bundle = prepare_data(recipe)
+    assert bundle.spec["noise_max_freq"] == 1.0
+    den = build_denoiser(recipe, bundle)
+    assert float(den.net.noise_embedding.freqs.max()) == pytest.approx(1.0)
+    old_spec = {k: v for k, v in bundle.spec.items() if k != "noise_max_freq"}
+    assert float(build_denoiser(recipe, old_spec).net.noise_embedding.freqs.max()) == \
+        pytest.approx(100.0)  # checkpoints written before keep their embedding
+
+    t = torch.arange(100.0, 900.0, 37.0)
+
+    def mid_gap(max_freq):
+        emb = NoiseLevelEmbedding(64, 8, max_freq=max_freq)
+        f0, f1, fm = emb.features(t), emb.features(t + 1), emb.features(t + 0.5)
+        return float(((fm - (f0 + f1) / 2).norm(dim=1) / (f1 - f0).norm(dim=1)).max())
+
+    assert mid_gap(1.0) < 0.15 < 0.5 < mid_gap(100.0)
