@@ -23,7 +23,7 @@ import torch
 import xarray as xr
 
 from geodiff.config import ConditioningConfig
-from geodiff.grid import LAT, LEVEL, LON, area_weights
+from geodiff.grid import LAT, LEVEL, LON, loss_area_weights
 from geodiff.samples import TIME, ConditionSpec, _plain, split_dataset
 from geodiff.scaling import Scaler
 
@@ -207,7 +207,7 @@ class FieldDataset(torch.utils.data.Dataset):
             with_mask = cond_config.mask_channel and self._has_nan()
         self.with_mask = bool(with_mask)
         self._weight_base = self._zero_pad(np.broadcast_to(
-            area_weights(ds_scaled[LAT].values).astype(np.float32)[:, None],
+            loss_area_weights(ds_scaled[LAT].values).astype(np.float32)[:, None],
             (self._n_lat, self._n_lon)))
         self._coord_fields = (self._coord_channels(ds_scaled) if cond_config.coord_channels
                               else np.zeros((0, *self._padded_shape), np.float32))

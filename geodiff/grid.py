@@ -170,6 +170,26 @@ def area_weights(lat) -> np.ndarray:
     return w / w.mean()
 
 
+def loss_area_weights(lat) -> np.ndarray:
+    """Area weights of the training loss, mean 1: :func:`area_weights` (``cos(lat)``), except
+    on grids with rows *at* a pole, where ``cos`` would give those rows no weight at all (the
+    network would never learn them): there each row gets the area of its cell, ``sin(upper
+    bound) - sin(lower bound)``, bounds half-way between rows and clipped to +-90. On equally
+    spaced rows off the poles the two agree (the cell area is ``2 sin(d/2) cos(lat)``).
+    """
+    lat = np.asarray(lat, dtype=np.float64)
+    if lat.size < 2 or not np.any(np.abs(lat) == 90.0):
+        return area_weights(lat)
+    order = np.argsort(lat)
+    s = lat[order]
+    mid = (s[1:] + s[:-1]) / 2
+    lower = np.clip(np.concatenate([[2 * s[0] - mid[0]], mid]), -90.0, 90.0)
+    upper = np.clip(np.concatenate([mid, [2 * s[-1] - mid[-1]]]), -90.0, 90.0)
+    w = np.empty_like(s)
+    w[order] = np.sin(np.deg2rad(upper)) - np.sin(np.deg2rad(lower))
+    return w / w.mean()
+
+
 def standardize(ds: xr.Dataset) -> xr.Dataset:
     """Canonical geodiff form of ``ds`` (see the module docstring); stays lazy.
 

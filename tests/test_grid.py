@@ -516,3 +516,15 @@ def test_hvsampledata_packed_values_match_raw_ints() -> None:
 def test_ostia_land_fraction() -> None:
     sst = catalog.open_dataset("iris_ostia_sst")["surface_temperature"]
     assert 0.2 < float(sst.isnull().mean()) < 0.3  # DATA.md: 26 % land
+
+
+def test_loss_weights_give_rows_at_the_poles_their_cell_area() -> None:
+    lat = np.arange(-90.0, 90.1, 10.0)  # 19 rows, two of them at the poles
+    w = grid.loss_area_weights(lat)
+    d = np.deg2rad(5.0)
+    area = np.where(np.abs(lat) == 90.0, 1.0 - np.cos(d), 2.0 * np.sin(d) * np.cos(np.deg2rad(lat)))
+    np.testing.assert_allclose(w, area / area.mean(), rtol=1e-12)
+    assert w[0] > 0 and w[-1] > 0
+    np.testing.assert_allclose(grid.loss_area_weights(lat[::-1]), w[::-1], rtol=1e-12)
+    centred = np.arange(-85.0, 90.0, 10.0)  # off the poles: exactly the cos weights
+    np.testing.assert_array_equal(grid.loss_area_weights(centred), grid.area_weights(centred))
