@@ -151,7 +151,7 @@ class ConditioningConfig:
     Dataset."""
     static_fields: tuple[str, ...] = ()
     """Time-invariant variables of the source (land-sea mask, orography) given as input
-    channels as they are; stored in the checkpoint."""
+    channels, each standardised (mean 0, std 1 over the grid); stored in the checkpoint."""
     coord_channels: bool = True
     """Add sin/cos latitude and longitude as input channels."""
     mask_channel: bool = True

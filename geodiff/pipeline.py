@@ -130,7 +130,7 @@ def prepare_data(recipe: Recipe) -> DataBundle:
     The data variables and the condition fields (``conditioning.fields``) are scaled by one
     :class:`~geodiff.scaling.Scaler` fitted on the train split (each with its own statistics),
     so that generation scales a requested cell's condition fields exactly as training did;
-    static fields enter as they are.
+    static fields are standardised per channel (:class:`~geodiff.data.FieldDataset`).
     """
     from geodiff import catalog, data, grid
     from geodiff.scaling import Scaler
