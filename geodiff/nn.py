@@ -83,11 +83,15 @@ class LatLonPad(nn.Module):
         lon = 0 if self.topology.periodic_lon else self.pad
         return lat, lon
 
-    def explicit(self, x: Tensor, silu: bool = False) -> Tensor:
+    def explicit(self, x: Tensor, silu: bool = False, *, fresh_grad: bool = False) -> Tensor:
         """The non-zero (circular / cross-pole) part of the padding of ``x`` ``(B, C, H, W)``.
 
         ``(B, C, H + 2 ph, W + 2 pad)`` with ``ph = pad`` under pole padding, else 0; ``x``
         itself on a regional grid. With ``silu``, of ``silu(x)`` (computed in the same pass).
+        ``fresh_grad=True`` promises that the gradient reaching the result belongs to it
+        alone (a convolution's ``grad_input``: :class:`LatLonConv2d`), so the backward may
+        fold the halo into it in place; otherwise it works on a copy (autograd hands one
+        gradient tensor to several consumers, e.g. of ``a + b``).
         """
         p = self.pad
         if p == 0 or not self.topology.periodic_lon:
@@ -107,7 +111,7 @@ class LatLonPad(nn.Module):
             # the neighbouring kernels (it cannot trace the index caches of _SpherePad)
             return _sphere_pad_traceable(F.silu(x) if silu else x, p, pole)
         if x.requires_grad and torch.is_grad_enabled() and not _gathers(x):
-            return _SpherePad.apply(x, p, pole, silu)
+            return _SpherePad.apply(x, p, pole, silu, fresh_grad)
         # no autograd node (sampling, evaluation), or small tensors padded by one gather,
         # whose backward (an index_add_) autograd runs in C++ without Python
         return _sphere_pad(x, p, pole, silu)
@@ -361,36 +365,38 @@ class _SpherePad(torch.autograd.Function):
 
     Forward is :func:`_sphere_pad`; backward folds the halo gradients onto the cells they
     were copied from, in place in the incoming gradient of the padded grid (the
-    convolution's fresh ``grad_input``; copied first if it is a view or not contiguous),
-    by strided strips on CPU (:func:`_fold_halo_strips`) and one ``index_add_`` elsewhere
-    (:func:`_fold_halo_index`), then crops it, through ``silu_backward`` when the SiLU was
-    fused: one pass over the data besides the strips, where autograd through slice
-    assignments would clone the whole gradient once per assignment. Without gradients
-    :meth:`LatLonPad.explicit` calls :func:`_sphere_pad` directly (no autograd node).
+    convolution's fresh ``grad_input``; copied first unless ``fresh_grad``, or if it is a
+    view or not contiguous), by strided strips on CPU (:func:`_fold_halo_strips`) and one
+    ``index_add_`` elsewhere (:func:`_fold_halo_index`), then crops it, through
+    ``silu_backward`` when the SiLU was fused: one pass over the data besides the strips,
+    where autograd through slice assignments would clone the whole gradient once per
+    assignment. Without gradients :meth:`LatLonPad.explicit` calls :func:`_sphere_pad`
+    directly (no autograd node).
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, p: int, pole: bool, silu: bool) -> Tensor:
-        ctx.p, ctx.pole, ctx.silu = p, pole, silu
+    def forward(ctx, x: Tensor, p: int, pole: bool, silu: bool, fresh_grad: bool = False
+                ) -> Tensor:
+        ctx.p, ctx.pole, ctx.silu, ctx.fresh_grad = p, pole, silu, fresh_grad
         if silu:
             ctx.save_for_backward(x)
         return _sphere_pad(x, p, pole, silu)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
         p, pole, silu = ctx.p, ctx.pole, ctx.silu
         ph = p if pole else 0
         *lead, hp, wp = grad.shape
         h, w = hp - 2 * ph, wp - 2 * p
-        if grad._base is not None or not grad.is_contiguous():
+        if not ctx.fresh_grad or grad._base is not None or not grad.is_contiguous():
             grad = grad.clone(memory_format=torch.contiguous_format)
         fold = _fold_halo_strips if grad.device.type == "cpu" else _fold_halo_index
         core = fold(grad, p, pole)[..., ph:ph + h, p:p + w]              # (B, C, H, W) view
         if silu:
             return (torch.ops.aten.silu_backward(core, ctx.saved_tensors[0]), None, None,
-                    None)
-        return core.contiguous(), None, None, None
+                    None, None)
+        return core.contiguous(), None, None, None, None
 
 
 class LatLonConv2d(nn.Conv2d):
@@ -420,7 +426,7 @@ class LatLonConv2d(nn.Conv2d):
         if upsample:
             padded = self.pad.explicit_upsampled(F.silu(x) if silu else x)
         else:
-            padded = self.pad.explicit(x, silu)
+            padded = self.pad.explicit(x, silu, fresh_grad=True)  # conv's grad_input is fresh
         return F.conv2d(padded, self.weight, self.bias, self.stride, self.pad.implicit)
 
 

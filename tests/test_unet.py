@@ -693,3 +693,19 @@ def test_upsampling_fused_with_the_padding_equals_interpolate_then_pad(topology:
     up = Upsample(3, topology=topology).double()
     expected = up.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
     assert torch.equal(up(x), expected)
+
+
+def test_sphere_padding_backward_leaves_a_shared_gradient_alone():
+    """Autograd hands one gradient tensor to every consumer of ``a + b``: the halo fold must
+    not write into it unless the caller promises it is fresh (LatLonConv2d's grad_input)."""
+    from geodiff.nn import GridTopology, LatLonPad
+
+    pad = LatLonPad(1, GridTopology(periodic_lon=True, pole_padding=True))
+    x1 = torch.randn(2, 3, 64, 64, dtype=torch.float64, requires_grad=True)  # strips path
+    x2 = torch.randn(2, 3, 64, 64, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 3, 66, 66, dtype=torch.float64)
+    (w * (pad.explicit(x1) + pad.explicit(x2))).sum().backward()
+    ref1 = x1.detach().clone().requires_grad_()
+    (w * pad.explicit(ref1)).sum().backward()
+    torch.testing.assert_close(x1.grad, ref1.grad, rtol=0, atol=1e-12)
+    torch.testing.assert_close(x2.grad, ref1.grad, rtol=0, atol=1e-12)
