@@ -200,32 +200,36 @@ def _squared(units: str | None) -> str | None:
 
 
 def _describe(out: XrObj, src: xr.DataArray | xr.Dataset, long_name: str,
-              units: str | Callable[[str | None], str | None] | None,
-              keep: bool = False, **extra: str) -> XrObj:
+              units: str | Callable[[str | None], str | None] | None) -> XrObj:
     """``out`` labelled as what it is: CF ``long_name`` and ``units`` (a fixed string or a
-    function of the input's units), plus ``extra`` attributes such as ``cell_methods``.
+    function of the input's units) and nothing else.
 
     xarray may carry the input's attributes over (``keep_attrs``, the default in recent
     releases): ``units: K`` and ``standard_name: air_temperature`` on a probability, a count
-    or a power spectrum are wrong, so they are replaced, not inherited. ``keep=True`` keeps
-    the input's attributes (a mean or a spread is still air temperature in K) and only adds
-    ``extra``. Applied per variable for Datasets.
+    or a power spectrum are wrong, so they are replaced, not inherited. Applied per variable
+    for Datasets.
     """
     def attrs(source: xr.DataArray | None) -> dict[str, Any]:
-        old = dict(source.attrs) if source is not None else {}
-        if keep:
-            if "cell_methods" in extra and old.get("cell_methods"):
-                extra_now = {**extra, "cell_methods": f"{old['cell_methods']} "
-                                                      f"{extra['cell_methods']}"}
-            else:
-                extra_now = extra
-            return {**old, **extra_now}
-        new: dict[str, Any] = {"long_name": long_name, **extra}
+        old = source.attrs if source is not None else {}
         u = units(old.get("units")) if callable(units) else units
-        if u is not None:
-            new["units"] = u
-        return new
+        return {"long_name": long_name} | ({"units": u} if u is not None else {})
 
+    return _relabel(out, src, attrs)
+
+
+def _with_cell_method(out: XrObj, src: xr.DataArray | xr.Dataset, method: str) -> XrObj:
+    """``out`` with the input's attributes (a mean or a spread is still air temperature in
+    K) and ``method`` appended to its CF ``cell_methods``."""
+    def attrs(source: xr.DataArray | None) -> dict[str, Any]:
+        old = dict(source.attrs) if source is not None else {}
+        before = old.get("cell_methods")
+        return old | {"cell_methods": f"{before} {method}" if before else method}
+
+    return _relabel(out, src, attrs)
+
+
+def _relabel(out: XrObj, src: xr.DataArray | xr.Dataset, attrs) -> XrObj:
+    """``out`` with ``attrs(source variable)`` as the attributes of each of its variables."""
     out = out.copy(deep=False)
     if isinstance(out, xr.Dataset):
         for v in out.data_vars:
@@ -252,7 +256,7 @@ def ensemble_mean(ens: XrObj) -> XrObj:
     """Ensemble mean over ``member``: ``(member, ...) -> (...)``."""
     ens = ensemble_variables(ens)
     require_member(ens, "ens")
-    return _describe(ens.mean(MEMBER), ens, "", None, keep=True, cell_methods="member: mean")
+    return _with_cell_method(ens.mean(MEMBER), ens, "member: mean")
 
 
 def ensemble_spread(ens: XrObj) -> XrObj:
@@ -260,8 +264,7 @@ def ensemble_spread(ens: XrObj) -> XrObj:
     ens = ensemble_variables(ens)
     if require_member(ens, "ens") < 2:
         raise ValueError("ensemble_spread needs at least 2 members (ddof=1); got 1")
-    return _describe(ens.std(MEMBER, ddof=1), ens, "", None, keep=True,
-                     cell_methods="member: standard_deviation")
+    return _with_cell_method(ens.std(MEMBER, ddof=1), ens, "member: standard_deviation")
 
 
 def ensemble_quantiles(ens: XrObj, q: float | Sequence[float]) -> XrObj:

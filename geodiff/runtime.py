@@ -37,21 +37,29 @@ def native_bf16(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
-def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA devices that support it when ``amp`` is auto/bf16, else a no-op.
+def uses_bf16(device: torch.device, amp: str) -> bool:
+    """Whether ``amp`` (off/auto/bf16) means bf16 autocast on ``device``; a ValueError for
+    ``amp='bf16'`` on a device without native bf16.
 
     Mixed precision is never used on CPU (slower there, and it would change results).
     """
+    if amp == "bf16" and device.type != "cuda":
+        raise ValueError(f"amp='bf16' needs a CUDA device, got {device}; use amp: auto")
     if amp == "off" or device.type != "cuda":
-        if amp == "bf16" and device.type != "cuda":
-            raise ValueError(f"amp='bf16' needs a CUDA device, got {device}; use amp: auto")
-        return contextlib.nullcontext()
+        return False
     if not native_bf16(device):
         if amp == "bf16":
             raise ValueError(f"amp='bf16' but {torch.cuda.get_device_name(device)} has no "
                              "native bf16 (compute capability < 8.0); use amp: auto or off")
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16)
+        return False
+    return True
+
+
+def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast where :func:`uses_bf16`, else a no-op context."""
+    if uses_bf16(device, amp):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from geodiff import checkpoint as ckpt
 from geodiff.config import Recipe
 from geodiff.pipeline import DataBundle, Objective, build_denoiser, draw_noise, prepare_data
-from geodiff.runtime import Dist, autocast, barrier, init_distributed, resolve_device
+from geodiff.runtime import Dist, autocast, barrier, init_distributed, resolve_device, uses_bf16
 
 _SEED_STRIDE = 1_000_003
 
@@ -113,7 +113,7 @@ class Trainer:
             raise FileExistsError(
                 f"run_dir={str(self.run_dir)!r} already holds checkpoints ({existing.name}); "
                 "pass --resume to continue it or choose another --out")
-        autocast(self.device, tc.amp)  # raises for amp='bf16' where bf16 is not available
+        uses_bf16(self.device, tc.amp)  # amp='bf16' without bf16: refused here
         self.data = data if data is not None else prepare_data(recipe)
         torch.manual_seed(tc.seed)  # only dropout uses the global generator
         self.denoiser = build_denoiser(recipe, self.data).to(self.device)
