@@ -8,6 +8,7 @@ never valid in training (land) stay NaN.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +106,8 @@ def fill_gaps(checkpoint: str | Path | LoadedModel, observed: xr.Dataset, member
     attrs = _provenance(model, sampler="inpaint", steps=steps, guidance=1.0, seed=seed, eta=0.0,
                         kind="fill-gaps")
     attrs["geodiff_resample"] = int(resample)
+    if compute_batch is not None:  # part of what makes the bits (and of the resume check)
+        attrs["geodiff_compute_batch"] = int(compute_batch)
     per_block = max(1, batch_size // n_cells)
     blocks = [list(range(m0, min(members, m0 + per_block))) for m0 in range(0, members, per_block)]
     restored_obs = restore(obs, model.grid)
@@ -122,6 +125,14 @@ def fill_gaps(checkpoint: str | Path | LoadedModel, observed: xr.Dataset, member
         ds[MEMBER].attrs = member_attrs  # xr.where drops coordinate attributes
         return ds
 
-    return emit(block_dataset, blocks, members, attrs, out=out, request={"members": members},
+    # the resume key: other observations (or other predictors) for the same cells are
+    # another ensemble, so a store written for them must not be resumed
+    request = {"members": members,
+               "cells": [{k: str(v) for k, v in c.items()} for c in cell_dicts],
+               "observed_sha256": hashlib.sha256(
+                   np.ascontiguousarray(np.where(known, arr, np.nan)).tobytes()).hexdigest()}
+    if cell_fields is not None:
+        request["condition_fields_sha256"] = hashlib.sha256(cell_fields.tobytes()).hexdigest()
+    return emit(block_dataset, blocks, members, attrs, out=out, request=request,
                 overwrite=overwrite, progress=progress,
                 layout=lambda: layout_dataset(model, cells))

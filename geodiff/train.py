@@ -8,8 +8,10 @@ noise of the *global* batch from ``(seed, k)`` (each DDP rank slices its rows). 
 random therefore depends on how many steps ran in this process, so a run killed at any
 point and resumed from its last checkpoint reproduces the uninterrupted run bit for bit on
 CPU, and a 2-process DDP run sees the same samples and noise as one process with the same
-global batch.  (Dropout, when enabled, draws from torch's global generator, which is seeded
-and checkpointed too.)
+global batch.  Dropout, which can only draw from torch's default generators, draws from
+them reseeded with ``(seed, k, rank)`` for the forward pass of step ``k`` and restored
+afterwards (:func:`dropout_rng`): its masks too are a function of the step, on CPU and
+CUDA alike, with nothing to checkpoint, and the caller's global random state is untouched.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +56,26 @@ class TrainResult:
 def step_generator(seed: int, step: int) -> torch.Generator:
     """The generator of every random number drawn at optimizer step ``step``."""
     return torch.Generator().manual_seed(seed * _SEED_STRIDE + step)
+
+
+@contextmanager
+def dropout_rng(seed: int, step: int, rank: int, device: torch.device) -> Iterator[None]:
+    """Run the block with the default generators of the CPU and ``device`` seeded from
+    ``(seed, step, rank)``, and restore their states afterwards.
+
+    ``nn.Dropout`` takes no generator, so this is how its masks become a pure function of
+    the step (exact resume on any device, a different mask on every DDP rank) without
+    consuming or disturbing the global random state of the program that called train.
+    """
+    state = int(np.random.SeedSequence([seed, step, rank, 0xD50]).generate_state(
+        1, np.uint64)[0] >> 1)
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda, device_type="cuda"):
+        torch.default_generator.manual_seed(state)
+        for index in cuda:
+            torch.cuda.default_generators[index].manual_seed(state)
+        yield
 
 
 def batch_indices(n: int, batch: int, seed: int, step: int) -> np.ndarray:
@@ -115,9 +139,11 @@ class Trainer:
                 "pass --resume to continue it or choose another --out")
         uses_bf16(self.device, tc.amp)  # amp='bf16' without bf16: refused here
         self.data = data if data is not None else prepare_data(recipe)
-        torch.manual_seed(tc.seed)  # only dropout uses the global generator
-        self.denoiser = build_denoiser(recipe, self.data).to(self.device)
-        self.ema = build_denoiser(recipe, self.data).to(self.device)
+        with torch.random.fork_rng(devices=[]):  # the initial weights: (seed), on the CPU
+            torch.manual_seed(tc.seed)  # nn.Module init draws from the default generator
+            self.denoiser = build_denoiser(recipe, self.data)
+            self.ema = build_denoiser(recipe, self.data)
+        self.denoiser, self.ema = self.denoiser.to(self.device), self.ema.to(self.device)
         self.ema.load_state_dict(self.denoiser.state_dict())
         self.ema.requires_grad_(False).eval()
         self.optimizer = torch.optim.AdamW(self.denoiser.parameters(), lr=tc.lr,
@@ -145,7 +171,6 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         for group in self.optimizer.param_groups:  # the recipe's value, as recipe.yaml says
             group["weight_decay"] = self.recipe.training.weight_decay
-        torch.set_rng_state(state["torch_rng"])
         self.step = int(state["step"])
         self.last_checkpoint = path
         if self.dist.is_main:
@@ -154,8 +179,7 @@ class Trainer:
     def _save(self) -> Path:
         path = ckpt.step_dir(self.run_dir, self.step)
         if self.dist.is_main:
-            state = {"optimizer": self.optimizer.state_dict(), "step": self.step,
-                     "torch_rng": torch.get_rng_state()}
+            state = {"optimizer": self.optimizer.state_dict(), "step": self.step}
             meta = self.data.meta(self.recipe)
             meta["sigma_data"] = float(getattr(self.denoiser, "sigma_data", 0.0) or 0.0)
             path = ckpt.save_checkpoint(self.run_dir, self.step, model=self.denoiser,
@@ -197,8 +221,7 @@ class Trainer:
                 yield batch["index"].numpy(), batch
             return
         # (FieldDataset computes dask synchronously inside workers: no pool across fork)
-        # its own generator for the workers' base seed: drawing it from the global one
-        # (dropout's, restored on resume) would shift dropout after a resume
+        # its own generator for the workers' base seed, not the caller's global one
         loader = torch.utils.data.DataLoader(train, batch_sampler=steps, collate_fn=collate,
                                              num_workers=tc.num_workers, prefetch_factor=2,
                                              generator=torch.Generator().manual_seed(tc.seed))
@@ -340,7 +363,8 @@ class Trainer:
             indices, batch = next(batches)
             for group in self.optimizer.param_groups:
                 group["lr"] = tc.lr * lr_factor(step, tc.warmup_steps, tc.steps, tc.lr_schedule)
-            loss = self.loss_on(self.train_module, batch, gen)
+            with dropout_rng(tc.seed, step, self.dist.rank, self.device):
+                loss = self.loss_on(self.train_module, batch, gen)
             # every rank takes the same decision (a rank skipping backward alone would leave
             # the others waiting in DDP's gradient all-reduce)
             finite = self._every_rank(bool(torch.isfinite(loss)))

@@ -648,3 +648,47 @@ def test_gap_filling_with_condition_fields(predictor_run):
                                   obs["tas"].where(seen).values)
     with pytest.raises(ValueError, match=r"\['pr'\] the model needs are not in observed fields"):
         fill_gaps(predictor_run["run"], obs[["tas"]], members=1, steps=1, progress=False)
+
+
+def test_gap_filling_resumes_only_for_the_same_observations(trained, tmp_path, monkeypatch):
+    """A killed fill_gaps run is resumed by the same call, but a call with other observed
+    values for the same cells is another ensemble: it must not keep the members on disk."""
+    import geodiff.sampling as sampling_mod
+
+    real = sampling_mod.inpaint
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        if counted.fail_after is not None and len(calls) > counted.fail_after:
+            raise Killed
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sampling_mod, "inpaint", counted)
+    obs = trained["held_out"].isel(time=[0]).copy(deep=True)
+    obs["tas"] = obs["tas"].where(np.random.default_rng(1).random(obs["tas"].shape) > 0.3)
+    out = tmp_path / "filled.nc"
+    kw = {"members": 3, "steps": 2, "resample": 1, "batch_size": 1, "progress": False}
+    counted.fail_after = 2  # killed after 2 of 3 one-member blocks
+    with pytest.raises(Killed):
+        fill_gaps(trained["run"], obs, out=out, **kw)
+    counted.fail_after = None
+    calls.clear()
+    fill_gaps(trained["run"], obs, out=out, **kw)
+    assert len(calls) == 1  # same observations: the 2 members on disk are kept
+    out.unlink()
+    counted.fail_after = 2
+    calls.clear()
+    with pytest.raises(Killed):
+        fill_gaps(trained["run"], obs, out=out, **kw)
+    warmer = obs.copy(deep=True)
+    warmer["tas"] = warmer["tas"] + 1.0
+    counted.fail_after = None
+    calls.clear()
+    fill_gaps(trained["run"], warmer, out=out, **kw)
+    assert len(calls) == 3  # other observations: every member drawn again
+    with xr.open_dataset(out) as ds:
+        seen = warmer["tas"].notnull()
+        for m in range(3):
+            np.testing.assert_array_equal(ds["tas"].isel(member=m).where(seen).values,
+                                          warmer["tas"].where(seen).values)
