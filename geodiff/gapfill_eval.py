@@ -92,18 +92,15 @@ def run_gapfill_experiment(out: str | Path = "geodiff-ostia", *,
 
     filled = standardize(xr.open_dataset(filled_path))[var].load()
     clim = climatology_ensemble(train, test)
-    w = analysis.lat_weights(test)
-    mask = hidden_da.astype(float) * w
+    truth_hidden = test.where(hidden_da)  # scored where the clouds were hidden, only
 
     def hidden_mean(crps: xr.DataArray) -> np.ndarray:  # per field, weighted over hidden px
-        return ((crps.fillna(0) * mask).sum(("lat", "lon")) / mask.sum(("lat", "lon"))).values
+        return analysis.weighted_mean(crps.where(hidden_da), ("lat", "lon")).values
 
     g = hidden_mean(analysis.crps_fair(filled, test))
     c = hidden_mean(analysis.crps_fair(clim, test))
     boot = np.random.default_rng(0).integers(0, g.size, (2000, g.size))
     ratios = g[boot].mean(1) / c[boot].mean(1)
-    err = (filled.mean("member") - test).where(hidden_da)
-    spread = filled.var("member", ddof=1).where(hidden_da)
     m = filled.sizes["member"]
     summary = {
         "gapfill_crps_fair": float(g.mean()),
@@ -111,10 +108,8 @@ def run_gapfill_experiment(out: str | Path = "geodiff-ostia", *,
         "gapfill_crps_ratio_vs_climatology": float(g.mean() / c.mean()),
         "gapfill_crps_ratio_ci_low": float(np.quantile(ratios, 0.05)),
         "gapfill_crps_ratio_ci_high": float(np.quantile(ratios, 0.95)),
-        "gapfill_spread_skill": float(np.sqrt((m + 1) / m) * np.sqrt(
-            float((spread * w).sum() / (spread.notnull() * w).sum()))
-            / np.sqrt(float((err**2 * w).sum() / (err.notnull() * w).sum()))),
-        "gapfill_rmse": float(np.sqrt(float((err**2 * w).sum() / (err.notnull() * w).sum()))),
+        "gapfill_spread_skill": float(analysis.spread_skill_ratio(filled, truth_hidden)),
+        "gapfill_rmse": float(analysis.weighted_rmse(filled, truth_hidden)),
         "hidden_pixels": int(hidden.sum()),
         "fields": int(test.sizes["time"]),
         "members": int(m),
