@@ -510,7 +510,7 @@ def on_grid(other: xr.Dataset, ds: xr.Dataset, what: str = "static fields") -> x
     picks = {}
     for dim, period in ((LAT, None), (LON, 360.0)):
         want, have = ds[dim].values.astype(np.float64), other[dim].values.astype(np.float64)
-        idx = _match(want, have, period)
+        idx = match_values(want, have, period)
         if (idx < 0).any():
             missing = want[idx < 0]
             raise ValueError(
@@ -522,7 +522,7 @@ def on_grid(other: xr.Dataset, ds: xr.Dataset, what: str = "static fields") -> x
     return other.isel(picks)
 
 
-def _match(want: np.ndarray, have: np.ndarray, period: float | None, atol: float = 1e-4
+def match_values(want: np.ndarray, have: np.ndarray, period: float | None, atol: float = 1e-4
            ) -> np.ndarray:
     """Index in ``have`` of each value of ``want`` (within ``atol``, modulo ``period``), -1
     where there is none."""

@@ -116,7 +116,7 @@ def on_model_grid(model: LoadedModel, ds: xr.Dataset, names: Sequence[str],
     level dimension where the model has none (or the reverse) and dims that are neither
     sample dims nor lat/lon/level.
     """
-    from geodiff.data import _match, on_grid
+    from geodiff.data import match_values, on_grid
     from geodiff.grid import LAT, LEVEL, LON
 
     missing = [v for v in names if v not in ds.data_vars]
@@ -143,7 +143,8 @@ def on_model_grid(model: LoadedModel, ds: xr.Dataset, names: Sequence[str],
                                 for lv in levels))  # one level axis: the source's
     if wanted:
         wanted = np.asarray(wanted)
-        idx = _match(wanted.astype(np.float64), out[LEVEL].values.astype(np.float64), None)
+        idx = match_values(wanted.astype(np.float64), out[LEVEL].values.astype(np.float64),
+                           None)
         if (idx < 0).any():
             raise ValueError(f"{what}: levels {wanted[idx < 0].tolist()} the model was trained "
                              f"on are missing; it has {out[LEVEL].values.tolist()}")

@@ -411,3 +411,16 @@ def test_tensorstore_reader_errors(tmp_path):
                      Padding(), memory_budget_gb=0.0)
     with pytest.raises(ValueError, match="threads=0 must be >= 1"):
         next(iter(__import__("geodiff.data").data.threaded_batches(ts, [[0]], threads=0)))
+
+
+def test_match_values_finds_each_value_modulo_the_period_or_minus_one():
+    from geodiff.data import match_values
+
+    have = np.array([0.0, 90.0, 180.0, 270.0, 359.5])
+    # -180 is 180, 360 is 0, -0.5 is 359.5 (wrapping past the sorted ends), 45 is absent
+    idx = match_values(np.array([-180.0, 360.00005, -0.5, 45.0, 90.0]), have, 360.0)
+    np.testing.assert_array_equal(idx, [2, 0, 4, -1, 1])
+    # without a period nothing wraps, and the tolerance is absolute
+    np.testing.assert_array_equal(match_values(np.array([-0.5, 850.0, 850.001]),
+                                               np.array([1000.0, 850.0, 359.5]), None),
+                                  [-1, 1, -1])
