@@ -453,7 +453,7 @@ def open_dataset(name_or_path: str, *, catalog: str | Path | None = None,
     if entry.concat is None:  # merged: a source with none of the variables adds nothing
         selected = [p for p in selected if p.data_vars]
     ds = _combine([grid.standardize(p) for p in selected], entry, wanted)
-    ds = apply_subset(ds, sub, entry.name)
+    ds = _drop_dangling_references(apply_subset(ds, sub, entry.name))
     if chunks and reader == "dask":
         unknown = sorted(set(chunks) - set(map(str, ds.dims)))
         if unknown:
@@ -461,7 +461,39 @@ def open_dataset(name_or_path: str, *, catalog: str | Path | None = None,
                                f"{sorted(map(str, ds.dims))} (use canonical names lat/lon)")
         ds = ds.chunk(chunks)
     ds.attrs["geodiff_source"] = entry.name
+    # standardize/subset/chunk build new Datasets, which forget the files behind them:
+    # close() (or a with block) closes every opened source, so the files can be rewritten
+    ds.set_close(lambda: [p.close() for p in parts])
     return ds
+
+
+_REFERENCES = ("bounds", "grid_mapping", "ancillary_variables")
+"""Attributes naming other variables of the file (CF 7.1, 5.6, 3.4)."""
+
+
+def _drop_dangling_references(ds: xr.Dataset) -> xr.Dataset:
+    """``ds`` without the references (e.g. ``time: bounds = "time_bnds"``, ``tas:
+    grid_mapping = "crs"``) to variables that were not selected: written back, they would
+    name variables missing from the file (a CF error; :func:`geodiff.cfcheck.cf_problems`
+    reports it). ``ancillary_variables`` keeps the names still present; ``bounds`` and
+    ``grid_mapping`` (also the extended form ``"crs: lat lon"``) go when a name is missing."""
+    names = set(map(str, ds.variables))
+    out = None
+    for name, var in ds.variables.items():
+        attrs = dict(var.attrs)
+        for key in _REFERENCES:
+            words = str(attrs.get(key, "")).split()
+            kept = [w for w in words if w.rstrip(":") in names]
+            if kept == words:
+                continue
+            if key == "ancillary_variables" and kept:
+                attrs[key] = " ".join(kept)
+            else:  # bounds, or a grid mapping (also "crs: lat lon") naming a missing one
+                del attrs[key]
+        if attrs != var.attrs:
+            out = ds.copy() if out is None else out
+            out.variables[name].attrs = attrs
+    return ds if out is None else out
 
 
 def _subset_dict(s: Subset) -> dict[str, Any]:
@@ -629,6 +661,12 @@ def describe(name: str, catalog: str | Path | None = None) -> str:
     except (MissingPackageError, MissingFileError) as err:
         lines.append(f"  not available: {err}")
         return "\n".join(lines)
+    with ds:
+        _describe_data(ds, lines)
+    return "\n".join(lines)
+
+
+def _describe_data(ds: xr.Dataset, lines: list[str]) -> None:
     lines.append("  variables:")
     for var in grid._field_names(ds):
         attrs = ds[var].attrs
@@ -650,7 +688,6 @@ def describe(name: str, catalog: str | Path | None = None) -> str:
             calendar = f"undecoded, units {time.attrs.get('units')!r}"
         lines.append(f"  time:          {_when(time.values[0])} .. {_when(time.values[-1])} "
                      f"({time.size} steps, calendar {calendar})")
-    return "\n".join(lines)
 
 
 def _span(values: Sequence[float], hemi: str) -> str:

@@ -24,8 +24,11 @@ import xarray as xr
 
 CALENDARS = {"standard", "gregorian", "proleptic_gregorian", "noleap", "365_day", "all_leap",
              "366_day", "360_day", "julian", "none"}
-_TIME_UNITS = re.compile(r"^\s*(days|hours|minutes|seconds|milliseconds|microseconds)\s+since\s+"
-                         r"\d{1,4}-\d{1,2}-\d{1,2}")
+_TIME_UNITS = re.compile(r"^\s*(days?|d|hours?|hrs?|h|minutes?|mins?|seconds?|secs?|s|"
+                         r"milliseconds?|ms|microseconds?|us)\s+since\s+"
+                         r"-?\d{1,4}-\d{1,2}-\d{1,2}")
+"""UDUNITS time units (singular, plural or abbreviated) since a reference date; ``months``
+and ``years`` are left out (CF 4.4: they are not calendar months / years)."""
 _LAT_UNITS = {"degrees_north", "degree_north", "degree_N", "degrees_N", "degreeN", "degreesN"}
 _LON_UNITS = {"degrees_east", "degree_east", "degree_E", "degrees_E", "degreeE", "degreesE"}
 
@@ -36,7 +39,21 @@ def cf_problems(path_or_ds: str | Path | xr.Dataset) -> list[str]:
     ``path_or_ds``: a NetCDF path or Zarr store (opened without decoding) or a raw Dataset
     opened with ``decode_cf=False``.
     """
-    ds = _open_raw(path_or_ds)
+    if isinstance(path_or_ds, xr.Dataset):
+        return _problems(path_or_ds, xr.decode_cf(path_or_ds, decode_times=False,
+                                                  decode_timedelta=False))
+    p = Path(path_or_ds)
+    zarr = p.suffix == ".zarr" or p.is_dir()
+    opener = xr.open_zarr if zarr else xr.open_dataset
+    # closed on return: a file left open (xarray's file cache) could not be rewritten
+    with opener(p, decode_cf=False) as raw, \
+            opener(p, decode_times=False, decode_timedelta=False) as decoded:
+        return _problems(raw, decoded)
+
+
+def _problems(ds: xr.Dataset, decoded: xr.Dataset) -> list[str]:
+    """Problems of the raw Dataset ``ds``; ``decoded`` is it CF-decoded but for times (a
+    legal time unit that xarray cannot decode must be reported, not raised)."""
     problems: list[str] = []
     conv = str(ds.attrs.get("Conventions", ""))
     if not re.search(r"CF-1\.\d+", conv):
@@ -48,6 +65,9 @@ def cf_problems(path_or_ds: str | Path | xr.Dataset) -> list[str]:
         if dim not in ds.variables:
             continue
         var = ds[dim]
+        if var.ndim == 2 and var.dims[0] == dim and var.dtype.kind == "S" \
+                and var.dtype.itemsize == 1:
+            continue  # labels as a char array (netCDF classic): (dim, string length), CF 2.2
         if var.ndim != 1 or var.dims != (dim,):
             problems.append(f"coordinate variable {dim!r} must be 1-D along {dim!r}")
             continue
@@ -64,7 +84,8 @@ def cf_problems(path_or_ds: str | Path | xr.Dataset) -> list[str]:
         if var.attrs.get("standard_name") == "time" or dim == "time":
             if not isinstance(units, str) or not _TIME_UNITS.match(units):
                 problems.append(f"time coordinate {dim!r} has units={units!r}; CF needs "
-                                "'<unit> since <date>'")
+                                "'<unit> since <date>' with a unit of days, hours, minutes "
+                                "or seconds (not months or years, CF 4.4)")
             cal = str(var.attrs.get("calendar", "standard")).lower()
             if cal not in CALENDARS:
                 problems.append(f"time coordinate {dim!r} has unknown calendar={cal!r}")
@@ -93,7 +114,7 @@ def cf_problems(path_or_ds: str | Path | xr.Dataset) -> list[str]:
                 ref = ref.rstrip(":")  # grid_mapping's extended form "crs: lat lon"
                 if ref and ref not in ds.variables:
                     problems.append(f"{name!r}: {key} attribute names missing variable {ref!r}")
-    problems += _cf_xarray_axes(path_or_ds)
+    problems += _cf_xarray_axes(decoded)
     return problems
 
 
@@ -101,23 +122,9 @@ _REFERENCES = ("coordinates", "bounds", "grid_mapping", "ancillary_variables")
 """Attributes whose words name other variables of the file (CF 5, 7.1, 5.6, 3.4)."""
 
 
-def _open_raw(path_or_ds: str | Path | xr.Dataset) -> xr.Dataset:
-    if isinstance(path_or_ds, xr.Dataset):
-        return path_or_ds
-    p = Path(path_or_ds)
-    if p.suffix == ".zarr" or p.is_dir():
-        return xr.open_zarr(p, decode_cf=False)
-    return xr.open_dataset(p, decode_cf=False)
-
-
-def _cf_xarray_axes(path_or_ds: str | Path | xr.Dataset) -> list[str]:
+def _cf_xarray_axes(decoded: xr.Dataset) -> list[str]:
     """cf_xarray (what downstream tools use) must find the X and Y axes of the decoded file."""
     import cf_xarray  # noqa: F401  (registers the .cf accessor)
 
-    if isinstance(path_or_ds, xr.Dataset):
-        ds = xr.decode_cf(path_or_ds)
-    else:
-        p = Path(path_or_ds)
-        ds = xr.open_zarr(p) if (p.suffix == ".zarr" or p.is_dir()) else xr.open_dataset(p)
-    axes = ds.cf.axes
+    axes = decoded.cf.axes
     return [f"cf_xarray finds no {ax} axis" for ax in ("X", "Y") if not axes.get(ax)]

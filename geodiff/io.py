@@ -100,10 +100,7 @@ class EnsembleWriter:
 
     def discard(self) -> None:
         for p in [self.partial, *self.partial.parent.glob(self.partial.name + ".progress-r*")]:
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
+            _remove(p)
 
     # -- slabs -----------------------------------------------------------------------------
     def write(self, slab: xr.Dataset, members: list[int]) -> None:
@@ -151,21 +148,44 @@ class EnsembleWriter:
             nc.sync()
 
     def finalize(self, overwrite: bool) -> Path:
-        """Rename the complete partial file to the final name and drop the ledgers."""
-        if self.path.exists():
-            if not overwrite:
-                raise FileExistsError(f"out={str(self.path)!r} appeared while generating; "
-                                      "nothing was overwritten (the result is in "
-                                      f"{str(self.partial)!r})")
-            shutil.rmtree(self.path) if self.path.is_dir() else self.path.unlink()
+        """Rename the complete partial file to the final name and drop the ledgers.
+
+        A replaced output is removed only after the rename: a file is replaced atomically,
+        a Zarr store (a directory, which cannot be renamed onto) is first moved aside to
+        ``<out>.replaced`` and restored if the rename fails, so an error never leaves the
+        final name without the old or the new result."""
+        if self.path.exists() and not overwrite:
+            raise FileExistsError(f"out={str(self.path)!r} appeared while generating; "
+                                  "nothing was overwritten (the result is in "
+                                  f"{str(self.partial)!r})")
         if self.format == "zarr":
             import zarr
 
             zarr.consolidate_metadata(str(self.partial))
+        aside = None
+        if self.path.is_dir():
+            aside = self.path.with_name(self.path.name + ".replaced")
+            _remove(aside)
+            os.replace(self.path, aside)
+        try:
+            os.replace(self.partial, self.path)
+        except BaseException:
+            if aside is not None:
+                os.replace(aside, self.path)
+            raise
         for ledger in self.partial.parent.glob(self.partial.name + ".progress-r*"):
             ledger.unlink()
-        os.replace(self.partial, self.path)
+        if aside is not None:
+            _remove(aside)
         return self.path
+
+
+def _remove(p: Path) -> None:
+    """Delete a file or a directory tree, if there."""
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p)
+    elif p.exists() or p.is_symlink():
+        p.unlink()
 
 
 def _runs(members: list[int]) -> list[tuple[int, int]]:

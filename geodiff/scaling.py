@@ -176,31 +176,32 @@ class Scaler:
             mean_field=None, pixel_std=None, attrs=_json_attrs(x.attrs, name),
             dtype=str(x.dtype) if np.issubdtype(x.dtype, np.floating) else "float32")
         y = x.astype(np.float64)
+        # counted on y, the chunks the statistics read anyway (a second branch on x made
+        # dask hold more source chunks at once)
+        checks = _ValueChecks(y, name, log1p=cfg.transform == "log1p")
         if cfg.transform == "log1p":
-            n_bad = int((x <= -1).sum().compute())
-            if n_bad:
-                raise ValueError(f"transform='log1p' needs values > -1, but variable {name!r} "
-                                 f"has {n_bad} values <= -1; use transform: none")
-            y = np.log1p(y)
+            with np.errstate(invalid="ignore", divide="ignore"):  # values <= -1: raised
+                y = np.log1p(y)
         if cfg.anomaly == "trend":
-            stats.mean_field = self._fit_trend(ds, y, reduce_dims, pixel_dims)
+            stats.mean_field = self._fit_trend(ds, y, reduce_dims, pixel_dims, checks)
             if cfg.trend_smoothing is not None:
                 resid = y - self._polynomial(stats, ds, y, "fit")
                 stats.local_field, stats.local_count = self._fit_local(ds, resid, reduce_dims)
         elif cfg.anomaly == "climatology":
-            stats.mean_field = self._fit_climatology(ds, y, reduce_dims)
+            stats.mean_field = self._fit_climatology(ds, y, reduce_dims, checks)
         a = y - self._mean_field(stats, ds, y, "fit") if cfg.anomaly != "none" else y
         if cfg.per_pixel_std:
             with warnings.catch_warnings():  # all-NaN (land) pixels: NaN std, by design
                 warnings.simplefilter("ignore", RuntimeWarning)
-                s = a.std(reduce_dims, skipna=True).compute().values
+                (s,) = checks.compute(a.std(reduce_dims, skipna=True))
+                s = np.asarray(s.values)
             stats.pixel_std = np.where(s > 0, s, np.where(np.isnan(s), np.nan, 1.0))
             a = a / xr.DataArray(stats.pixel_std, dims=pixel_dims)
-        stats.center, stats.half_range = self._fit_range(a, name, range_dims)
+        stats.center, stats.half_range = self._fit_range(a, name, range_dims, checks)
         return stats
 
     def _fit_trend(self, ds: xr.Dataset, y: xr.DataArray, reduce_dims: tuple[str, ...],
-                   pixel_dims: tuple[str, ...]) -> np.ndarray:
+                   pixel_dims: tuple[str, ...], checks: _ValueChecks) -> np.ndarray:
         """Legendre coefficients ``(n_label, degree + 1, *pixel)`` of the per-pixel trend."""
         cfg = self.config
         subsets = []
@@ -213,7 +214,7 @@ class Scaler:
             rhs = xr.dot(sub.fillna(0.0), basis, dim=reduce_dims)
             subsets.append((gram.transpose(*pixel_dims, _DEGREE, _DEGREE2),
                             rhs.transpose(*pixel_dims, _DEGREE)))
-        (computed,) = dask.compute(subsets)
+        (computed,) = checks.compute(subsets)
         coefs = []
         for gram, rhs in computed:
             g, b = np.asarray(gram.values), np.asarray(rhs.values)  # (*pix, D, D), (*pix, D)
@@ -282,7 +283,7 @@ class Scaler:
         return out.reshape(*t.shape, *pixel_shape)
 
     def _fit_climatology(self, ds: xr.Dataset, y: xr.DataArray,
-                         reduce_dims: tuple[str, ...]) -> np.ndarray:
+                         reduce_dims: tuple[str, ...], checks: _ValueChecks) -> np.ndarray:
         """Per-pixel mean ``(n_period, *pixel)`` for each month / day of year seen in training."""
         period = _time_feature(y, self.config.climatology_period, "fit")
         if period.ndim != 1:
@@ -291,22 +292,22 @@ class Scaler:
         means = [y.isel({period.dims[0]: np.flatnonzero(values == p)}).mean(reduce_dims,
                                                                            skipna=True)
                  for p in self.periods]
-        (computed,) = dask.compute(means)
+        (computed,) = checks.compute(means)
         return np.stack([np.asarray(m.values) for m in computed])
 
-    def _fit_range(self, a: xr.DataArray, name: str,
-                   range_dims: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    def _fit_range(self, a: xr.DataArray, name: str, range_dims: tuple[str, ...],
+                   checks: _ValueChecks) -> tuple[np.ndarray, np.ndarray]:
         """``center`` and ``half_range`` (shape of ``range_dims``) of the range scaling."""
         cfg = self.config
         dims = [d for d in a.dims if d not in range_dims]
         with warnings.catch_warnings():  # all-NaN levels: reported below
             warnings.simplefilter("ignore", RuntimeWarning)
             if cfg.method == "standard":
-                mean, std = dask.compute(a.mean(dims, skipna=True), a.std(dims, skipna=True))
+                mean, std = checks.compute(a.mean(dims, skipna=True), a.std(dims, skipna=True))
                 center, half = mean.values, cfg.n_std * std.values
             else:
-                lo, hi = (v.values for v in dask.compute(a.min(dims, skipna=True),
-                                                         a.max(dims, skipna=True)))
+                lo, hi = (v.values for v in checks.compute(a.min(dims, skipna=True),
+                                                           a.max(dims, skipna=True)))
                 center = lo + hi  # NaN where there is no finite value
         _check_finite(np.asarray(center, np.float64), a, name, range_dims)
         if cfg.method != "standard":
@@ -478,8 +479,7 @@ class Scaler:
                 continue
             ref, got = np.asarray(stats.pixel_coords[d]), np.asarray(x[d].values)
             if ref.shape != got.shape or not np.allclose(ref, got, rtol=0, atol=1e-6):
-                raise ValueError(f"variable {name!r}: coordinate {d!r} differs from the fitted "
-                                 f"grid ({ref.size} values {ref[:3]}...); regrid first")
+                raise ValueError(_grid_mismatch(name, d, ref, got))
         return stats
 
     def _pixel_da(self, stats: VariableStats, arr: np.ndarray, x: xr.DataArray) -> xr.DataArray:
@@ -535,6 +535,52 @@ class Scaler:
 
 
 # -- helpers ---------------------------------------------------------------------------------
+class _ValueChecks:
+    """Counts of values of one variable that no statistic may see: +-inf (one would turn the
+    trend, climatology or standard deviation of its whole pixel into NaN) and, for
+    ``transform: log1p``, values <= -1.
+
+    For numpy-backed data they are counted (and raised) at once; for dask-backed data they
+    ride along with the first statistic of the fit (:meth:`compute`), so checking costs no
+    extra pass over a larger-than-memory store.
+    """
+
+    def __init__(self, x: xr.DataArray, name: str, *, log1p: bool) -> None:
+        self.name = name
+        lazy = x.chunks is not None
+        data = x.data if lazy else np.asarray(x.values)  # values: read a lazy backend once
+        counts = {}
+        if np.issubdtype(x.dtype, np.floating):
+            counts["inf"] = np.isinf(data).sum()
+        if log1p:
+            counts["log1p"] = (data <= -1).sum()
+        self.pending: dict[str, Any] | None = counts
+        if not lazy:
+            self._raise_if_bad(counts)
+
+    def compute(self, *args: Any) -> tuple[Any, ...]:
+        """``dask.compute(*args)``, with the pending counts the first time (then raised)."""
+        if not self.pending:
+            return dask.compute(*args)
+        *out, counts = dask.compute(*args, self.pending)
+        self._raise_if_bad(counts)
+        return tuple(out)
+
+    def _raise_if_bad(self, counts: Mapping[str, Any]) -> None:
+        self.pending = None
+        name = self.name
+        n_log = int(counts.get("log1p", 0))
+        if n_log:
+            raise ValueError(f"transform='log1p' needs values > -1, but variable {name!r} "
+                             f"has {n_log} values <= -1; use transform: none")
+        n_inf = int(counts.get("inf", 0))
+        if n_inf:
+            raise ValueError(f"variable {name!r} has {n_inf} infinite values (+-inf) in the "
+                             "training split; scaling needs finite values, with NaN for "
+                             f"missing ones. Mask them first: ds[{name!r}] = ds[{name!r}]"
+                             f".where(np.isfinite(ds[{name!r}]))")
+
+
 def _time_feature(ds: xr.Dataset | xr.DataArray, name: str, action: str) -> xr.DataArray:
     """Coordinate ``name`` of ``ds``; ``year``/``month``/``dayofyear`` may come from ``time``."""
     if name in ds.coords:
@@ -577,6 +623,30 @@ def _index_of(coord: xr.DataArray, known: tuple, name: str, action: str) -> xr.D
                          f"known {name} values are {list(known)}")
     idx = np.vectorize(lambda v: lookup[_plain(v)], otypes=[np.int64])(values)
     return xr.DataArray(idx.reshape(values.shape), dims=coord.dims)
+
+
+def _grid_mismatch(name: str, dim: str, ref: np.ndarray, got: np.ndarray) -> str:
+    """Error message for a coordinate that differs from the fitted one, with the fix."""
+    def show(v: np.ndarray) -> str:
+        return f"{v.size} values {v[0]:g} .. {v[-1]:g}" if v.size else "no values"
+
+    head = (f"variable {name!r}: coordinate {dim!r} has {show(got)}, but the scaler was "
+            f"fitted on {show(ref)}; ")
+    if ref.dtype.kind in "fiu" and got.dtype.kind in "fiu" and ref.shape == got.shape:
+        if np.allclose(np.sort(ref), np.sort(got), rtol=0, atol=1e-6):
+            return head + (f"the same values in another order (e.g. a descending {dim}): "
+                           "pass the data through geodiff.grid.standardize (as "
+                           f"geodiff.open_dataset does), or ds.sortby({dim!r})")
+        start = float(np.min(ref))
+        wrapped = np.mod(got - start + 1e-6, 360.0) + start - 1e-6
+        if np.allclose(np.sort(ref), np.sort(wrapped), rtol=0, atol=1e-6):
+            shift = f"ds.{dim} % 360" if start == 0 else \
+                f"(ds.{dim} - {start:g}) % 360 + {start:g}"
+            return head + (f"the same longitudes in another convention (e.g. -180..180 "
+                           f"against 0..360): convert them, e.g. ds.assign_coords({dim}="
+                           f"{shift}).sortby({dim!r}), or open the data with "
+                           f"geodiff.open_dataset(..., lon=[{start:g}, {start + 360:g}])")
+    return head + "select the fitted region or regrid to the fitted grid first"
 
 
 def _level_index(stats: VariableStats, x: xr.DataArray) -> np.ndarray:

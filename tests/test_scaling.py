@@ -421,3 +421,68 @@ def test_large_arrays_are_stored_exactly_as_base64(dtype):
     back = _decode(enc)
     assert back.dtype == dtype and back.shape == arr.shape
     assert back.tobytes() == arr.tobytes()
+
+
+# -- values no statistic may see -----------------------------------------------------------
+@pytest.mark.parametrize("lazy", [False, True])
+@pytest.mark.parametrize("cfg", [dict(), dict(per_pixel_std=True),
+                                 dict(anomaly="trend", per_pixel_std=True),
+                                 dict(anomaly="trend"), dict(anomaly="climatology",
+                                                             climatology_period="dayofyear"),
+                                 dict(method="standard")])
+def test_one_infinite_value_is_named_not_a_silently_lost_pixel(cfg, lazy):
+    """A single +inf used to turn its pixel's trend / std into NaN, so fit succeeded and the
+    whole time series of that pixel came out NaN (or the error said "no finite values")."""
+    ds = make_ds(n_time=12, seed=21)
+    ds["tas"][0, 3, 1, 2] = np.inf
+    if lazy:
+        ds = ds.chunk({"time": 4})
+    with pytest.raises(ValueError, match=r"variable 'tas' has 1 infinite values.*"
+                                         r"where\(np.isfinite"):
+        fit(ds, **cfg)
+
+
+@pytest.mark.parametrize("cfg", [dict(transform="log1p"), dict()])
+def test_fit_reads_a_dask_source_once_with_its_value_checks(cfg):
+    """The log1p (> -1) and infinity checks ride along with the first statistic: a plain
+    min-max fit reads every chunk of a dask source once (the log1p check was a pass)."""
+    reads = []
+
+    def source(block):
+        if block.size:  # not dask's zero-size probe for the output type
+            reads.append(block.shape)
+        return np.abs(np.random.default_rng(len(reads)).standard_normal(block.shape)
+                      ).astype(np.float32)
+
+    base = dsa.zeros((12, 4, 5), chunks=(3, 4, 5), dtype=np.float32)
+    ds = xr.Dataset({"tas": (("time", "lat", "lon"),
+                             base.map_blocks(source, dtype=np.float32), dict(ATTRS))},
+                    coords={"time": np.arange(12), "lat": np.linspace(-60, 60, 4),
+                            "lon": np.linspace(0, 288, 5)})
+    Scaler.fit(ds, ScalingConfig(**cfg), ["tas"], ["time"])
+    assert len(reads) == 4
+    ds = ds.load()
+    ds["tas"][2, 1, 1] = -3.0
+    if cfg:
+        with pytest.raises(ValueError, match="log1p.*'tas' has 1 values <= -1"):
+            Scaler.fit(ds.chunk({"time": 3}), ScalingConfig(**cfg), ["tas"], ["time"])
+
+
+def test_other_latitude_order_or_longitude_convention_names_the_fix():
+    """Descending latitude or -180..180 longitudes against a 0..360 fit used to say "regrid
+    first", which is the wrong fix; the message now shows both grids and the conversion."""
+    ds = make_ds(n_scen=1, n_time=6, seed=22)  # lat -60..60, lon 0..300
+    scaler = fit(ds)
+    with pytest.raises(ValueError, match=r"coordinate 'lat' has 4 values 60 \.\. -60, but the "
+                                         r"scaler was fitted on 4 values -60 \.\. 60; the "
+                                         r"same values in another order.*sortby\('lat'\)"):
+        scaler.transform(ds.isel(lat=slice(None, None, -1)))
+    west = ds.assign_coords(lon=(ds.lon + 180) % 360 - 180).sortby("lon")
+    with pytest.raises(ValueError, match=r"'lon' has 5 values -135 \.\. 150.*another "
+                                         r"convention.*lon=ds.lon % 360\)\.sortby\('lon'\)"):
+        scaler.transform(west)
+    fixed = west.assign_coords(lon=west.lon % 360).sortby("lon")  # the advice works
+    np.testing.assert_array_equal(scaler.transform(fixed)["tas"].values,
+                                  scaler.transform(ds)["tas"].values)
+    with pytest.raises(ValueError, match="regrid to the fitted grid"):
+        scaler.transform(ds.isel(lat=slice(1, None)))
