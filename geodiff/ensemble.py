@@ -23,6 +23,7 @@ import xarray as xr
 from geodiff._version import __version__
 from geodiff.io import MEMBER, EnsembleWriter, check_output_path, output_format
 from geodiff.pipeline import LoadedModel, load_model
+from geodiff.samples import parse_times
 
 ENSEMBLE_SAMPLERS = ("heun", "dpmpp", "ddim", "ddpm")
 
@@ -66,8 +67,11 @@ def condition_cells(model: LoadedModel, conditions: Any) -> xr.Dataset:
         if unknown:
             raise ValueError(f"conditions keys {unknown} are not sample dims of the model "
                              f"({list(model.sample_dims)})")
-        cells = xr.Dataset(coords={k: np.atleast_1d(np.asarray(v)) for k, v in
-                                   conditions.items()})
+        values = {k: np.atleast_1d(np.asarray(v)) for k, v in conditions.items()}
+        if "time" in values and values["time"].dtype.kind in "USO" and all(
+                isinstance(t, str) for t in values["time"].ravel()):  # e.g. from JSON
+            values["time"] = parse_times(values["time"], spec.calendar, "conditions time")
+        cells = xr.Dataset(coords=values)
     else:
         raise TypeError(f"conditions must be an xarray object, a mapping or None, "
                         f"got {type(conditions).__name__}")

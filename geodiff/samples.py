@@ -100,12 +100,42 @@ def time_positions(times: np.ndarray, bounds: Sequence[Any], key: str) -> np.nda
 
 
 def _date_parts(text: str, key: str) -> tuple[int, ...]:
-    parts = str(text).strip().replace("T", " ").replace(":", " ").replace("-", " ").split()
+    """``(year, month, ...)`` of a partial date; a leading ``-`` is the sign of the year
+    (``"-0500-06"``: June of year -500, as in cftime's proleptic calendars)."""
+    body = str(text).strip()
+    sign = -1 if body.startswith("-") else 1
+    parts = body.lstrip("-").replace("T", " ").replace(":", " ").replace("-", " ").split()
     try:
-        return tuple(int(p) for p in parts[:6])
+        values = [int(p) for p in parts[:6]]
+        if values:
+            values[0] *= sign
+        return tuple(values)
     except ValueError:
-        raise ValueError(f"{key} bound {text!r} is not a date string such as '1860', "
+        raise ValueError(f"{key}: {text!r} is not a date string such as '1860', "
                          f"'1860-06' or '1860-06-01'") from None
+
+
+_GREGORIAN = ("standard", "gregorian", "proleptic_gregorian")
+
+
+def parse_times(texts: Sequence[Any], calendar: str, key: str) -> np.ndarray:
+    """ISO date strings (``"2050-07-16"``, ``"2050-07-16T12:00"``, ``"2050-07"`` = the 1st)
+    as times of ``calendar``: ``datetime64[ns]`` on the standard calendars, cftime objects
+    on the others (so ``"2050-02-30"`` is a date of a 360_day model). ValueError naming
+    ``key`` for a string that is not a date of that calendar."""
+    out = []
+    for text in np.ravel(np.asarray(texts, dtype=object)):
+        parts = _date_parts(text, key)
+        parts = parts + (1,) * max(0, 3 - len(parts))
+        try:
+            out.append(cftime.datetime(*parts, calendar=calendar))
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{key}={text!r} is not a date of the model's {calendar!r} "
+                             f"calendar ({err}); give e.g. '2050-07-16' or '2050-07-16T12:00', "
+                             "or a Dataset/file with a decoded time coordinate") from None
+    if calendar in _GREGORIAN and all(1678 <= t.year <= 2261 for t in out):
+        return np.array([np.datetime64(t.isoformat(), "ns") for t in out])
+    return np.array(out, dtype=object)
 
 
 def _time_parts(t: Any, key: str) -> tuple[int, ...]:
@@ -233,6 +263,9 @@ class ConditionSpec:
                           year_min=lo, year_max=hi,
                           year_tolerance=max(_YEAR_TOLERANCE_FRACTION * (hi - lo), 1.0))
         if cfg.day_of_year:
+            kwargs["calendar"] = _calendar(train_ds)
+        elif cfg.year and TIME in train_ds.coords and train_ds[TIME].dtype.kind in "MO":
+            # recorded so that dates given as text parse in the data's calendar
             kwargs["calendar"] = _calendar(train_ds)
         missing = [lab for lab in cfg.labels if lab not in train_ds.coords]
         if missing:

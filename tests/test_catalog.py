@@ -202,7 +202,7 @@ def test_subset_time_on_360_day_calendar(global_file: Path, time: list, n: int) 
 
 def test_subset_time_bound_that_is_no_date_names_subset_and_calendar(
         global_file: Path) -> None:
-    with pytest.raises(CatalogError, match=r"subset time=\['1999-xx', '2000'\] bound "
+    with pytest.raises(CatalogError, match=r"subset time=\['1999-xx', '2000'\]: "
                                            r"'1999-xx' is not a date.*calendar '360_day'"):
         catalog.open_dataset(str(global_file), time=["1999-xx", "2000"])
 
@@ -334,3 +334,62 @@ def test_describe_bundled_entry() -> None:
         assert part in text, part
     hgt = catalog.describe("eofs_hgt_djf")
     assert "level:         [500.0] hPa" in hgt and "lon -80..40 degE" in hgt
+
+
+def test_subset_time_with_negative_years(tmp_path: Path) -> None:
+    """A leading minus is the sign of the year (paleo runs in a proleptic calendar); it used
+    to be read as a separator, so ["-0003", "0001"] selected years 3..1: nothing."""
+    ds = make_grid(n_time=10, calendar="noleap", time_units="days since -0005-01-01",
+                   time_step=365.0)
+    path = write(ds, tmp_path / "paleo.nc")
+    sub = catalog.open_dataset(str(path), time=["-0003", "0001-12-31"])
+    assert sub.year.values.tolist() == [-3, -2, -1, 0, 1]
+    assert catalog.open_dataset(str(path), time=[None, "-0005"]).year.values.tolist() == [-5]
+
+
+def test_close_releases_the_source_files(tmp_path: Path, user_file: Path) -> None:
+    """close() / a with block / describe() release the files, which can then be rewritten
+    in the same process (HDF5 refused while the standardised Dataset kept them open)."""
+    netCDF4 = pytest.importorskip("netCDF4")
+    with catalog.open_dataset(str(user_file)) as ds:
+        assert float(ds["tas"].isel(time=0, lat=0, lon=0)) > 0
+    with netCDF4.Dataset(user_file, "a") as nc:
+        nc.setncattr("history", "appended")
+    cat = _catalog(tmp_path, {"name": "u", "sources": [{"path": "data/a.nc"}]})
+    assert "tas" in catalog.describe("u", catalog=cat)
+    with netCDF4.Dataset(user_file, "a") as nc:
+        nc.setncattr("history", "appended twice")
+    ds = catalog.open_dataset(str(user_file))
+    ds.close()
+    with netCDF4.Dataset(user_file, "a") as nc:
+        nc.setncattr("history", "appended again")
+    assert ds["tas"].isel(time=0).values.shape == (3, 8)  # reopened on demand
+
+
+def test_references_to_variables_not_selected_are_dropped(tmp_path: Path) -> None:
+    """CMIP-style files: time has bounds = "time_bnds", tas has grid_mapping = "crs" and
+    ancillary_variables; the opened Dataset keeps neither variable, so writing it back made
+    a file whose attributes name missing variables (a CF error)."""
+    from geodiff.cfcheck import cf_problems
+
+    ds = make_grid(n_time=3)
+    ds["time"].attrs["bounds"] = "time_bnds"
+    ds["time_bnds"] = (("time", "bnds"), np.stack([ds.time.values - 0.5,
+                                                   ds.time.values + 0.5], 1))
+    ds["crs"] = ((), np.int32(0), {"grid_mapping_name": "latitude_longitude"})
+    ds["tas_flag"] = (("time", "lat", "lon"), np.zeros(ds["tas"].shape, np.int8),
+                      {"standard_name": "status_flag"})
+    ds["tas"].attrs.update(grid_mapping="crs", ancillary_variables="tas_flag tas_sigma")
+    path = write(ds, tmp_path / "cmip.nc")
+    out = catalog.open_dataset(str(path), variables=["tas"])
+    assert "bounds" not in out["time"].attrs
+    assert not {"grid_mapping", "ancillary_variables"} & set(out["tas"].attrs)
+    assert out["tas"].attrs["units"] == "K"
+    both = catalog.open_dataset(str(path), variables=["tas", "tas_flag"])
+    assert both["tas"].attrs["ancillary_variables"] == "tas_flag"  # the present one stays
+    out.attrs.update(Conventions="CF-1.10", history="test", source="test")
+    out.to_netcdf(tmp_path / "back.nc")
+    assert cf_problems(tmp_path / "back.nc") == []
+    src = xr.open_dataset(path)  # the source file's own Dataset is left as it was
+    assert src["time"].attrs["bounds"] == "time_bnds" and src["tas"].attrs["grid_mapping"]
+    src.close()

@@ -424,3 +424,19 @@ def test_match_values_finds_each_value_modulo_the_period_or_minus_one():
     np.testing.assert_array_equal(match_values(np.array([-0.5, 850.0, 850.001]),
                                                np.array([1000.0, 850.0, 359.5]), None),
                                   [-1, 1, -1])
+
+
+def test_parse_times_gives_datetime64_on_standard_calendars_and_cftime_otherwise():
+    from geodiff.samples import parse_times
+
+    std = parse_times(["2050-07-16", "2050-07-16T12:30", "2050-08"], "standard", "t")
+    assert std.dtype == np.dtype("datetime64[ns]")
+    np.testing.assert_array_equal(std, np.array(["2050-07-16", "2050-07-16T12:30",
+                                                 "2050-08-01"], "datetime64[ns]"))
+    noleap = parse_times(["2052-03-01"], "noleap", "t")
+    assert noleap[0].calendar == "noleap" and noleap[0].dayofyr == 60  # no Feb 29
+    with pytest.raises(ValueError, match=r"t='2052-02-29' is not a date of the model's "
+                                         r"'noleap' calendar"):
+        parse_times(["2052-02-29"], "noleap", "t")
+    with pytest.raises(ValueError, match="is not a date string"):
+        parse_times(["July 2050"], "standard", "t")

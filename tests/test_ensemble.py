@@ -692,3 +692,21 @@ def test_gap_filling_resumes_only_for_the_same_observations(trained, tmp_path, m
         for m in range(3):
             np.testing.assert_array_equal(ds["tas"].isel(member=m).where(seen).values,
                                           warmer["tas"].where(seen).values)
+
+
+def test_times_given_as_text_are_dates_of_the_models_calendar(trained):
+    """{"time": ["1905-06-01", ...]} (what JSON --conditions gives) generates for the same
+    cells, bit for bit, as the decoded 360_day times; a date the calendar lacks is refused
+    naming it."""
+    ref = generate_ensemble(trained["run"], 2, trained["held_out"].isel(time=[0, 1]),
+                            progress=False)
+    text = generate_ensemble(trained["run"], 2, {"time": ["1905-06-01", "1915-06-01"]},
+                             progress=False)
+    np.testing.assert_array_equal(text["tas"].values, ref["tas"].values)
+    assert list(text["time"].values) == list(ref["time"].values)
+    assert text["time"].values[0].calendar == "360_day"
+    feb30 = generate_ensemble(trained["run"], 1, {"time": ["1905-02-30"]}, progress=False)
+    assert feb30["time"].values[0].day == 30
+    with pytest.raises(ValueError, match=r"'1905-02-31' is not a date of the model's "
+                                         r"'360_day' calendar"):
+        generate_ensemble(trained["run"], 1, {"time": ["1905-02-31"]}, progress=False)
