@@ -372,10 +372,16 @@ def _open_tensorstore(location: str | Path, engine: str, name: str) -> xr.Datase
 
 
 def _fields(ds: xr.Dataset) -> list[str]:
-    """Data variables that are fields (not bounds, grid mappings or 0-d/1-d helpers)."""
-    bounds = {v.attrs.get("bounds") for v in ds.variables.values()}
-    return [str(n) for n, v in ds.data_vars.items() if v.ndim >= 2 and n not in bounds
-            and "grid_mapping_name" not in v.attrs]
+    """Data variables that are fields: not bounds, grid mappings, ancillary variables of
+    another variable (CF 3.4: quality flags, uncertainties), flag variables (CF 3.5:
+    categorical codes with ``flag_values`` / ``flag_masks``) or 0-d/1-d helpers."""
+    referenced = set()
+    for v in ds.variables.values():
+        referenced.add(v.attrs.get("bounds"))
+        referenced.update(str(v.attrs.get("ancillary_variables", "")).split())
+    return [str(n) for n, v in ds.data_vars.items() if v.ndim >= 2 and n not in referenced
+            and "grid_mapping_name" not in v.attrs
+            and not {"flag_values", "flag_masks"} & set(v.attrs)]
 
 
 def open_dataset(name_or_path: str, *, catalog: str | Path | None = None,
@@ -509,6 +515,7 @@ def _combine(parts: list[xr.Dataset], entry: CatalogEntry, variables: list[str])
         return parts[0]
     kw: dict[str, Any] = dict(join="exact", combine_attrs="drop_conflicts")
     info = grid.grid_info(parts[0])
+    parts = [parts[0], *(_on_longitudes_of(p, parts[0]) for p in parts[1:])]
     try:
         if entry.concat is None:
             out = xr.merge(parts, compat="override", **kw)
@@ -533,6 +540,25 @@ def _combine(parts: list[xr.Dataset], entry: CatalogEntry, variables: list[str])
                            f"and can't be combined ({err})") from err
     out.attrs[grid.ATTR] = parts[0].attrs[grid.ATTR]
     return grid.standardize(out)
+
+
+def _on_longitudes_of(part: xr.Dataset, first: xr.Dataset) -> xr.Dataset:
+    """``part`` with the longitudes of ``first`` when they are the same meridians written
+    in another convention (0..360 vs -180..180, or another starting meridian): its columns
+    reordered to ``first``'s, which its values then take. Otherwise unchanged (the exact
+    join reports the different grids)."""
+    want, have = first[grid.LON].values, part[grid.LON].values
+    if want.shape != have.shape or np.array_equal(want, have):
+        return part
+    key_want = np.round(np.mod(want.astype(np.float64), 360.0), 6) % 360.0
+    key_have = np.round(np.mod(have.astype(np.float64), 360.0), 6) % 360.0
+    if len(set(key_have.tolist())) != key_have.size or \
+            sorted(key_want.tolist()) != sorted(key_have.tolist()):
+        return part
+    position = {k: i for i, k in enumerate(key_have.tolist())}
+    order = [position[k] for k in key_want.tolist()]
+    out = part.isel({grid.LON: order})
+    return out.assign_coords({grid.LON: (grid.LON, want, first[grid.LON].attrs)})
 
 
 # ---------------------------------------------------------------------------------------

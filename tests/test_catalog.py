@@ -116,6 +116,42 @@ def test_merge_of_sources_differing_in_latitude_order(tmp_path: Path) -> None:
                                   xr.open_dataset(tmp_path / "u.nc")["u"].values)
 
 
+def test_merge_of_sources_in_different_longitude_conventions(tmp_path: Path) -> None:
+    """A 0..360 source and a -180..180 one of the same global grid merge, each value at its
+    own meridian; the result is in the first source's convention."""
+    lon360 = np.arange(8) * 45.0
+    lon180 = np.mod(lon360 + 180.0, 360.0) - 180.0  # -180, -135, ..., 135
+    write(make_grid(var="u", lon=lon360), tmp_path / "u.nc")
+    write(make_grid(var="v", lon=np.sort(lon180)), tmp_path / "v.nc")
+    cat = _catalog(tmp_path, {"name": "wind", "sources": [{"path": "u.nc"}, {"path": "v.nc"}]})
+    ds = catalog.open_dataset("wind", catalog=cat)
+    assert ds.lon.values.tolist() == lon360.tolist()
+    v = xr.open_dataset(tmp_path / "v.nc")["v"]
+    for lon in lon360:
+        np.testing.assert_array_equal(ds["v"].sel(lon=lon).values,
+                                      v.sel(lon=(lon + 180.0) % 360.0 - 180.0).values)
+    # meridians that differ are still refused
+    write(make_grid(var="w", lon=np.sort(lon180) + 1.0), tmp_path / "w.nc")
+    bad = _catalog(tmp_path, {"name": "uw", "sources": [{"path": "u.nc"}, {"path": "w.nc"}]})
+    with pytest.raises(CatalogError, match="do not share one grid"):
+        catalog.open_dataset("uw", catalog=bad)
+
+
+def test_ancillary_and_flag_variables_are_not_fields(tmp_path: Path) -> None:
+    ds = make_grid()
+    ds["tas_uncertainty"] = ds["tas"] * 0 + 0.1
+    ds["tas"].attrs["ancillary_variables"] = "tas_uncertainty"
+    ds["land_class"] = (ds["tas"].dims, np.zeros(ds["tas"].shape, np.int8),
+                        {"flag_values": np.array([0, 1], np.int8),
+                         "flag_meanings": "sea land"})
+    write(ds, tmp_path / "a.nc")
+    opened = catalog.open_dataset(str(tmp_path / "a.nc"))
+    assert list(opened.data_vars) == ["tas"]
+    # still there when asked for by name
+    both = catalog.open_dataset(str(tmp_path / "a.nc"), variables=["tas", "tas_uncertainty"])
+    assert sorted(both.data_vars) == ["tas", "tas_uncertainty"]
+
+
 def test_zarr_store(tmp_path: Path) -> None:
     store = write(make_grid(lat=[20.0, 15.0, 10.0]), tmp_path / "store.zarr")
     direct = catalog.open_dataset(str(store))
