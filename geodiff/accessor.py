@@ -73,9 +73,11 @@ class GeodiffAccessor:
         """Spread-skill ratio with the ``sqrt((M+1)/M)`` correction."""
         return analysis.spread_skill_ratio(self._obj, obs, dim)
 
-    def rank_histogram(self, obs: Any, rng: np.random.Generator) -> Any:
-        """Rank histogram counts ``(rank,)`` with ties broken by ``rng``."""
-        return analysis.rank_histogram(self._obj, obs, rng)
+    def rank_histogram(self, obs: Any, rng: np.random.Generator, *,
+                       dim: str | Sequence[str] | None = None) -> Any:
+        """Rank histogram counts ``(rank, ...)`` over ``dim`` (default all obs dims), ties
+        broken by ``rng``."""
+        return analysis.rank_histogram(self._obj, obs, rng, dim=dim)
 
     def spectrum(self, *, keep: Sequence[str] = ()) -> Any:
         """Zonal power spectrum averaged over latitudes, fields and members."""

@@ -506,5 +506,9 @@ def test_datasets_with_cf_auxiliary_variables_are_scored_on_their_ensembles():
     assert float(an.weighted_mean(obs_ds)["tas"]) == pytest.approx(float(an.weighted_mean(obs)))
     hist = ens_ds.geodiff.rank_histogram(obs_ds, np.random.default_rng(0))
     xr.testing.assert_equal(hist["tas"], an.rank_histogram(ens, obs, np.random.default_rng(0)))
+    per_time = ens.geodiff.rank_histogram(obs, np.random.default_rng(0), dim=["lat", "lon"])
+    xr.testing.assert_equal(per_time, an.rank_histogram(ens, obs, np.random.default_rng(0),
+                                                        dim=["lat", "lon"]))
+    assert "time" in per_time.dims and int(per_time.sum()) == int(obs.count())
     assert float(ens_ds.geodiff.spread_skill(obs_ds)["tas"]) == pytest.approx(
         float(an.spread_skill_ratio(ens, obs)))
