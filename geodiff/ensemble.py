@@ -70,6 +70,12 @@ def condition_cells(model: LoadedModel, conditions: Any) -> xr.Dataset:
         values = {k: np.atleast_1d(np.asarray(v)) for k, v in conditions.items()}
         if "time" in values and values["time"].dtype.kind in "USO" and all(
                 isinstance(t, str) for t in values["time"].ravel()):  # e.g. from JSON
+            if spec.calendar is None:
+                raise ValueError(
+                    f"conditions time={values['time'].tolist()} is text, but the model in "
+                    f"{model.path} does not record the calendar of its training times (trained "
+                    "without decoded times, or by an older geodiff), so the dates cannot be "
+                    "read; pass a Dataset or file with a decoded time coordinate instead")
             values["time"] = parse_times(values["time"], spec.calendar, "conditions time")
         cells = xr.Dataset(coords=values)
     else:

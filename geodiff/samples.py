@@ -8,6 +8,7 @@ within what training saw.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -161,6 +162,10 @@ def _year_coord(ds: xr.Dataset) -> xr.DataArray:
 
 
 # -- condition vector ------------------------------------------------------------------------
+_SPEC_VERSION = 2
+"""2: ``calendar`` recorded whenever the training times are decoded (1: with day_of_year)."""
+
+
 @dataclass(frozen=True)
 class ConditionSpec:
     """Layout of the condition vector: ``[year_norm] [sin, cos day of year] [one-hot labels]``.
@@ -177,7 +182,9 @@ class ConditionSpec:
     year_max: float = 0.0
     year_tolerance: float = 0.0
     day_of_year: bool = False
-    calendar: str = "standard"
+    calendar: str | None = None
+    """Calendar of the training times (recorded whenever they are decoded); ``None``: not
+    known (no decoded time, or a checkpoint written before geodiff recorded it)."""
     labels: tuple[str, ...] = ()
     label_values: tuple[tuple[Any, ...], ...] = ()
 
@@ -203,8 +210,9 @@ class ConditionSpec:
                        / self.year_scale)
         if self.day_of_year:
             doy, year = (_scalar_time_feature(coords, k) for k in ("dayofyear", "year"))
-            days = 360 if self.calendar == "360_day" else 365 + cftime.is_leap_year(
-                int(year), self.calendar)
+            calendar = self.calendar or "standard"
+            days = 360 if calendar == "360_day" else 365 + cftime.is_leap_year(
+                int(year), calendar)
             phase = 2 * math.pi * (doy - 1) / days
             out += [math.sin(phase), math.cos(phase)]
         for label, values in zip(self.labels, self.label_values, strict=True):
@@ -239,6 +247,7 @@ class ConditionSpec:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d["version"] = _SPEC_VERSION
         d["labels"] = list(self.labels)
         d["label_values"] = [list(v) for v in self.label_values]
         return d
@@ -246,6 +255,8 @@ class ConditionSpec:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ConditionSpec:
         d = dict(d)
+        if d.pop("version", 1) < 2 and not d.get("day_of_year"):
+            d["calendar"] = None  # version 1 wrote "standard" without knowing the calendar
         d["labels"] = tuple(d.get("labels", ()))
         d["label_values"] = tuple(tuple(v) for v in d.get("label_values", ()))
         return cls(**d)
@@ -264,9 +275,11 @@ class ConditionSpec:
                           year_tolerance=max(_YEAR_TOLERANCE_FRACTION * (hi - lo), 1.0))
         if cfg.day_of_year:
             kwargs["calendar"] = _calendar(train_ds)
-        elif cfg.year and TIME in train_ds.coords and train_ds[TIME].dtype.kind in "MO":
-            # recorded so that dates given as text parse in the data's calendar
-            kwargs["calendar"] = _calendar(train_ds)
+        elif TIME in train_ds.coords and train_ds[TIME].dtype.kind in "MO":
+            # recorded anyway, so that dates given as text at generation parse in the data's
+            # calendar (None when the times are not dates)
+            with contextlib.suppress(ValueError):
+                kwargs["calendar"] = _calendar(train_ds)
         missing = [lab for lab in cfg.labels if lab not in train_ds.coords]
         if missing:
             raise ValueError(f"conditioning.labels={list(cfg.labels)}: {missing} are not "

@@ -710,3 +710,28 @@ def test_times_given_as_text_are_dates_of_the_models_calendar(trained):
     with pytest.raises(ValueError, match=r"'1905-02-31' is not a date of the model's "
                                          r"'360_day' calendar"):
         generate_ensemble(trained["run"], 1, {"time": ["1905-02-31"]}, progress=False)
+
+
+def test_text_times_need_a_recorded_calendar(trained, tmp_path):
+    """A model of 360_day data without day_of_year records the calendar too; a checkpoint
+    whose spec predates the recording (version 1, no day_of_year) refuses text times instead
+    of guessing the standard calendar."""
+    import json
+    import shutil
+
+    from geodiff.samples import ConditionSpec
+
+    run = Path(trained["run"])
+    meta_path = ckpt.latest_checkpoint(run) / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    spec = meta["cond_spec"]
+    assert spec["calendar"] == "360_day" and not spec["day_of_year"] and spec["version"] == 2
+    old = {k: v for k, v in spec.items() if k != "version"} | {"calendar": "standard"}
+    assert ConditionSpec.from_dict(old).calendar is None
+    legacy = tmp_path / "legacy"
+    shutil.copytree(run, legacy)
+    legacy_meta = ckpt.latest_checkpoint(legacy) / "meta.json"
+    legacy_meta.write_text(json.dumps(meta | {"cond_spec": old}))
+    with pytest.raises(ValueError, match="does not record the calendar of its training "
+                                         "times"):
+        generate_ensemble(legacy, 1, {"time": ["1905-06-01"]}, progress=False)
