@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import difflib
+import glob
 import importlib.util
+import itertools
 import textwrap
 import warnings
 from collections.abc import Mapping, Sequence
@@ -262,6 +264,18 @@ def _is_path_like(s: str) -> bool:
 
 
 def _user_entry(target: str) -> CatalogEntry:
+    """The entry of a path or URL given directly. A local path with glob characters
+    (``/data/tas_day_*.nc``, e.g. a CMIP variable split into yearly files) is every file it
+    matches, concatenated along time (in time order, whatever the file names)."""
+    if "://" not in target and glob.has_magic(target):
+        matches = sorted(glob.glob(str(Path(target).expanduser())))
+        if not matches:
+            raise MissingFileError(f"{target!r} matches no file; check the directory and the "
+                                   "pattern (glob syntax: *, ?, [...])")
+        return CatalogEntry(name=target, description="user dataset", license="unknown",
+                            attribution="unknown",
+                            sources=tuple(Source(path=m) for m in matches),
+                            concat=Concat(dim=grid.TIME) if len(matches) > 1 else None)
     src = Source(url=target) if "://" in target else Source(path=str(Path(target).expanduser()))
     return CatalogEntry(name=target, description="user dataset", license="unknown",
                         attribution="unknown", sources=(src,),
@@ -531,6 +545,8 @@ def _combine(parts: list[xr.Dataset], entry: CatalogEntry, variables: list[str])
             else:  # an existing dim, by its canonical name (e.g. valid_time -> time)
                 dim = {info.time_name: grid.TIME, info.level_name: grid.LEVEL,
                        info.lat_name: grid.LAT, info.lon_name: grid.LON}.get(c.dim, c.dim)
+            if isinstance(dim, str) and dim == grid.TIME:  # consecutive periods, any order
+                parts = _in_time_order(parts, entry)
             out = xr.concat(parts, dim=dim, data_vars=variables, coords="minimal",
                             compat="override", **kw)
     except ValueError as err:
@@ -540,6 +556,26 @@ def _combine(parts: list[xr.Dataset], entry: CatalogEntry, variables: list[str])
                            f"and can't be combined ({err})") from err
     out.attrs[grid.ATTR] = parts[0].attrs[grid.ATTR]
     return grid.standardize(out)
+
+
+def _in_time_order(parts: list[xr.Dataset], entry: CatalogEntry) -> list[xr.Dataset]:
+    """``parts`` sorted by their first time; CatalogError naming the sources when their times
+    overlap (the same period in two files: a duplicate, or files of different runs)."""
+    if not all(grid.TIME in p.coords and p.sizes.get(grid.TIME, 0) for p in parts):
+        return parts
+    try:
+        order = sorted(range(len(parts)), key=lambda i: parts[i][grid.TIME].values[0])
+    except TypeError:  # undecoded or mixed calendars: keep the given order
+        return parts
+    names = [str(s.path or s.url) for s in entry.sources]
+    for a, b in itertools.pairwise(order):
+        if not parts[a][grid.TIME].values[-1] < parts[b][grid.TIME].values[0]:
+            raise CatalogError(
+                f"catalog entry {entry.name!r}: the times of {names[a]!r} "
+                f"({parts[a][grid.TIME].values[0]} .. {parts[a][grid.TIME].values[-1]}) and "
+                f"{names[b]!r} (from {parts[b][grid.TIME].values[0]}) overlap; concatenate "
+                "files of consecutive periods only (drop duplicates or files of other runs)")
+    return [parts[i] for i in order]
 
 
 def _on_longitudes_of(part: xr.Dataset, first: xr.Dataset) -> xr.Dataset:

@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     fill.add_argument("observed", help="NetCDF/Zarr with NaN gaps (and the model's "
                       "conditioning.fields, if any)")
     fill.add_argument("--out", required=True, help="ensemble of completions (.nc or .zarr)")
-    fill.add_argument("--members", type=int, default=8)
+    fill.add_argument("--members", type=int, default=None,
+                      help="members per field (default: the recipe's sampling.members)")
     fill.add_argument("--steps", type=int, default=None)
     fill.add_argument("--resample", type=int, default=None, help="RePaint resampling jumps")
     fill.add_argument("--batch-size", type=int, default=None)

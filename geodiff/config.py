@@ -66,22 +66,45 @@ class SplitConfig:
     ``fraction``: the last ``test_fraction`` of times is test, the ``val_fraction`` before it
     validation; ``time_ranges``: explicit inclusive ``[start, end]`` date strings."""
     modulo: int = 10
+    """``year_modulo``: period in years of the test years (>= 2; 10: every tenth year).
+    Unused (and unchecked) by the other kinds."""
     remainder: int = 5
+    """``year_modulo``: the test years are those with ``year % modulo == remainder``
+    (``0 <= remainder < modulo``; 5 with modulo 10: 1865, 1875, ...). The year comes from a
+    ``year`` coordinate, else from the decoded ``time``."""
     val_fraction: float = 0.1
+    """Share of the times held out for validation (``0 <= value < 1`` and ``val_fraction +
+    test_fraction < 1``; rounded to whole times, at least one when > 0): ``fraction``: the
+    times just before the test block; ``year_modulo``: the last of the non-test times. 0: no
+    validation split (no validation loss). Unused by ``time_ranges``."""
     test_fraction: float = 0.1
+    """``fraction``: share of the times, the latest ones, held out as the test split
+    (``0 <= value < 1``; rounded to whole times, at least one when > 0; 0: no test split).
+    Unused by the other kinds."""
     train: tuple[str, str] | None = None
+    """``time_ranges`` (required there): inclusive ``[start, end]`` partial-date strings of the
+    training times, e.g. ``["1860", "1999-12-31"]`` (each bound compared at its own
+    resolution, in any calendar). Ignored by the other kinds."""
     val: tuple[str, str] | None = None
+    """``time_ranges``: inclusive ``[start, end]`` of the validation times (disjoint from the
+    other ranges); ``null``: no validation split. Ignored by the other kinds."""
     test: tuple[str, str] | None = None
+    """``time_ranges``: inclusive ``[start, end]`` of the test times (disjoint from the other
+    ranges); ``null``: no test split. Ignored by the other kinds."""
 
     def validate(self, path: str) -> None:
-        _require(self.modulo >= 2, f"{path}.modulo", self.modulo, ">= 2")
-        _require(0 <= self.remainder < self.modulo, f"{path}.remainder", self.remainder,
-                 f"0 <= remainder < modulo ({self.modulo})")
-        for name in ("val_fraction", "test_fraction"):
+        # only the settings the kind uses: a recipe switching kind keeps the others unread
+        if self.kind == "year_modulo":
+            _require(self.modulo >= 2, f"{path}.modulo", self.modulo, ">= 2")
+            _require(0 <= self.remainder < self.modulo, f"{path}.remainder", self.remainder,
+                     f"0 <= remainder < modulo ({self.modulo})")
+        used = {"year_modulo": ("val_fraction",), "fraction": ("val_fraction", "test_fraction")}
+        for name in used.get(self.kind, ()):
             v = getattr(self, name)
             _require(0.0 <= v < 1.0, f"{path}.{name}", v, "0 <= value < 1")
-        _require(self.val_fraction + self.test_fraction < 1.0, f"{path}.val_fraction",
-                 self.val_fraction, "val_fraction + test_fraction < 1")
+        if self.kind == "fraction":
+            _require(self.val_fraction + self.test_fraction < 1.0, f"{path}.val_fraction",
+                     self.val_fraction, "val_fraction + test_fraction < 1")
         if self.kind == "time_ranges":
             _require(self.train is not None, f"{path}.train", self.train,
                      "a [start, end] pair when kind is time_ranges")
@@ -95,9 +118,15 @@ class ScalingConfig:
     """``minmax``: data range; ``quantile``: robust range between ``quantiles``;
     ``standard``: mean +- ``n_std`` standard deviations."""
     margin: float = 0.05
-    """Fraction of the range added on both sides, so unseen extremes land just outside [-1, 1]."""
+    """Fraction of the fitted range added on both sides (0..1), so values a little beyond it
+    still map within [-1, 1] (``minmax`` and ``quantile``; ``standard`` adds none)."""
     quantiles: tuple[float, float] = (0.001, 0.999)
+    """``quantile``: the (low, high) quantiles of the training values (per variable, or per
+    level with ``per_level``) taken as the range before ``margin`` (``0 <= low < high <= 1``;
+    estimated from a 65536-bin histogram). Ignored by the other methods."""
     n_std: float = 3.0
+    """``standard``: half-range in standard deviations, so mean +- ``n_std`` std maps to
+    [-1, 1] (> 0; no ``margin`` is added). Ignored by the other methods."""
     per_level: bool = True
     """Fit separate statistics per vertical level for 3-D variables."""
     transform: Literal["none", "log1p"] = "none"
@@ -107,8 +136,17 @@ class ScalingConfig:
     pixel) or ``trend`` (per-pixel smooth regression on the ``trend_coord`` coordinate,
     separately for each value of ``trend_by``)."""
     trend_coord: str = "year"
+    """``anomaly: trend``: coordinate the trend is a polynomial of, normalised to [-1, 1] over
+    its training range. ``year``, ``month`` and ``dayofyear`` may come from a decoded
+    ``time``; any other name must be a coordinate of the data (and of generation requests).
+    ``year`` needs ``conditioning.year: true``."""
     trend_by: str | None = None
+    """``anomaly: trend``: categorical coordinate (0-d or 1-d, e.g. ``scenario``) with a
+    separate trend fitted for each of its training values (a value not seen in training is
+    refused when transforming); ``null``: one trend for all samples."""
     trend_degree: int = 3
+    """``anomaly: trend``: degree of the per-pixel Legendre polynomial in ``trend_coord``,
+    0..8 (0: a constant per-pixel mean)."""
     trend_smoothing: float | None = None
     """With ``anomaly: trend``: bandwidth (in ``trend_coord`` units, e.g. years) of a Gaussian
     kernel average of the training residuals around the polynomial, added to the trend so
@@ -116,6 +154,9 @@ class ScalingConfig:
     ``trend_coord`` value is left out of its average, so training anomalies keep their full
     spread. ``null``: polynomial only."""
     climatology_period: Literal["dayofyear", "month"] = "month"
+    """``anomaly: climatology``: the mean field is per ``month`` (1..12) or per ``dayofyear``
+    of each pixel, from a coordinate of that name or the decoded ``time``; a period absent
+    from the training split is refused when transforming."""
     per_pixel_std: bool = False
     """Divide the anomaly by its per-pixel standard deviation before range scaling."""
 
@@ -171,10 +212,16 @@ class ModelConfig:
     channels: tuple[int, ...] = (64, 128, 256)
     """Width of each resolution level (the grid is halved between levels)."""
     blocks_per_level: int = 2
+    """Residual blocks per resolution level in the encoder (>= 1); the decoder has one more
+    per level."""
     attention_levels: tuple[int, ...] = (2,)
     """Indices of levels (0 = full resolution) that get self-attention."""
     attention_heads: int = 4
+    """Heads of every self-attention layer (>= 1); must divide the width of each level in
+    ``attention_levels`` (unchecked when that is empty)."""
     dropout: float = 0.0
+    """Dropout probability inside every residual block, in training only (``0 <= p < 1``;
+    0: none); its masks are a function of ``training.seed``, the step and the rank."""
     groups: int = 8
     """GroupNorm groups (must divide every width)."""
     periodic_lon: Literal["auto", "yes", "no"] = "auto"
@@ -211,19 +258,37 @@ class DiffusionConfig:
     prediction: Literal["eps", "v", "x0"] = "eps"
     """Network target for ``ddpm``."""
     schedule: Literal["linear", "cosine"] = "linear"
+    """``ddpm``: variance schedule over the ``timesteps`` steps: ``linear`` (Ho et al. 2020:
+    betas 1e-4 to 0.02 at T = 1000, both ends scaled by 1000 / T) or ``cosine`` (Nichol &
+    Dhariwal 2021). Ignored by ``edm``."""
     timesteps: int = 1000
+    """``ddpm``: number T of diffusion steps (>= 2; the ``linear`` schedule needs T > 20);
+    training draws t uniformly from 0 .. T-1, and the ``ddpm`` /
+    ``ddim`` samplers visit some of them (``sampling.steps`` or ``sampling.timesteps``).
+    Ignored by ``edm``."""
     p_mean: float = -1.2
     """EDM: mean of log(sigma) in training (log-normal noise levels)."""
     p_std: float = 1.2
+    """EDM: standard deviation of log(sigma) in training (> 0). Ignored by ``ddpm``."""
     sigma_data: float | None = None
     """EDM: data standard deviation; ``None`` estimates it from the scaled training data."""
     sigma_min: float = 0.002
+    """EDM: smallest non-zero noise level of generation and gap filling (the last level before
+    0 of the Karras et al. grid; ``0 < sigma_min < sigma_max``); training does not use it.
+    Ignored by ``ddpm``, which samples between its schedule's smallest and largest level."""
     sigma_max: float = 80.0
+    """EDM: largest noise level: generation and gap filling start from ``N(0, sigma_max^2)``
+    noise (80 is pure noise for data scaled to about [-1, 1]); training does not use it.
+    Ignored by ``ddpm``."""
     lat_weighted: bool = True
     """Weight the loss by cos(latitude) area weights (normalised to mean 1)."""
 
     def validate(self, path: str) -> None:
         _require(self.timesteps >= 2, f"{path}.timesteps", self.timesteps, ">= 2")
+        if self.parameterization == "ddpm" and self.schedule == "linear":
+            _require(self.timesteps > 20, f"{path}.timesteps", self.timesteps,
+                     "> 20 with schedule: linear (its betas, 1e-4..0.02 scaled by 1000 / T, "
+                     "reach 1 below 21 steps), or schedule: cosine")
         _require(self.p_std > 0, f"{path}.p_std", self.p_std, "> 0")
         _require(0 < self.sigma_min < self.sigma_max, f"{path}.sigma_min", self.sigma_min,
                  f"0 < sigma_min < sigma_max ({self.sigma_max})")
@@ -236,24 +301,55 @@ class TrainingConfig:
     """The optimisation loop."""
 
     steps: int = 1000
+    """Optimizer steps of the whole run (>= 1; skipped non-finite steps count), also the
+    length of the learning-rate schedule; a resumed run continues up to this step."""
     batch_size: int = 32
+    """Global batch: samples per optimizer step over all torchrun processes (>= 1; must divide
+    by their number), also the validation batch. A training split with fewer samples is
+    repeated to fill it."""
     lr: float = 2e-4
+    """Peak learning rate of AdamW (> 0), reached after ``warmup_steps`` and then shaped by
+    ``lr_schedule``."""
     weight_decay: float = 0.0
+    """AdamW (decoupled) weight decay (>= 0; 0: none); a resumed run applies the recipe's
+    value."""
     warmup_steps: int = 50
+    """Steps of linear learning-rate warm-up, from ``lr / warmup_steps`` to ``lr`` (>= 0;
+    0: none)."""
     lr_schedule: Literal["cosine", "constant"] = "cosine"
+    """After the warm-up: ``cosine`` decays the learning rate from ``lr`` to 0.1 ``lr`` at
+    ``steps``; ``constant`` keeps ``lr``."""
     grad_clip: float = 1.0
+    """Largest global L2 norm of the gradients; larger ones are scaled down to it before each
+    optimizer step (>= 0; 0: no clipping)."""
     ema_halflife_steps: float = 100.0
     """EMA half-life in optimizer steps (decay = 0.5 ** (1 / half-life))."""
     ema_warmup_steps: int = 0
     """Steps during which the EMA simply copies the weights."""
     val_every: int = 250
+    """Every this many steps (>= 1), and at the last one, log ``val_loss``: the EMA model's
+    loss on up to 8 batches of ``batch_size`` of the validation split with fixed noise
+    (``null`` without a validation split)."""
     checkpoint_every: int = 250
+    """Write a checkpoint every this many steps (>= 1), and always at the last step and when
+    ``max_time_s`` stops the run."""
     keep_last: int = 3
+    """Newest checkpoints kept in ``RUN/checkpoints`` (>= 1); older ones are deleted after
+    each save."""
     seed: int = 0
+    """Seed of all randomness of training: initial weights, batch order, noise levels and
+    noise, condition dropout and dropout masks (each step's from (seed, step): exact resume).
+    ``geodiff quickstart`` also generates (and hides its gap-filling clouds) with it."""
     amp: Literal["auto", "bf16", "off"] = "auto"
     """``auto``: bf16 autocast on CUDA devices that support it, float32 elsewhere."""
     compile: bool = False
+    """Wrap the training objective (network and loss) in ``torch.compile``: the first step
+    compiles (slow), later ones may run faster (1.45x measured on an H100, no gain on 2 CPU
+    cores). Validation and generation stay eager."""
     on_nonfinite: Literal["stop", "skip"] = "stop"
+    """What a NaN / inf training loss does: ``stop`` raises ``NonFiniteLossError`` naming the
+    step, the batch and the last checkpoint; ``skip`` drops that step's update (the step still
+    counts; logged records carry ``skipped_nonfinite``) and stops after 10 in a row."""
     max_time_s: float | None = None
     """Stop (and checkpoint) after this many seconds of training, whatever ``steps`` says."""
     num_workers: int = 0
@@ -261,6 +357,8 @@ class TrainingConfig:
     in the training process: fastest when the data is in memory (``data.memory_budget_gb``);
     streamed data wants workers, which decompress in parallel with the training step."""
     log_every: int = 10
+    """Append a record (step, loss, lr, elapsed_s) to ``metrics.jsonl`` every this many steps
+    (>= 1); steps with a validation loss are always recorded."""
 
     def validate(self, path: str) -> None:
         _require(self.steps >= 1, f"{path}.steps", self.steps, ">= 1")
@@ -271,6 +369,8 @@ class TrainingConfig:
         _require(self.max_time_s is None or self.max_time_s > 0, f"{path}.max_time_s",
                  self.max_time_s, "> 0 seconds, or null for no limit")
         _require(self.warmup_steps >= 0, f"{path}.warmup_steps", self.warmup_steps, ">= 0")
+        _require(self.ema_warmup_steps >= 0, f"{path}.ema_warmup_steps", self.ema_warmup_steps,
+                 ">= 0")
         _require(self.grad_clip >= 0, f"{path}.grad_clip", self.grad_clip, ">= 0 (0 = off)")
         _require(self.ema_halflife_steps > 0, f"{path}.ema_halflife_steps",
                  self.ema_halflife_steps, "> 0")
@@ -284,13 +384,26 @@ class SamplingConfig:
     """Default ensemble generation settings (overridable per call)."""
 
     sampler: Literal["heun", "dpmpp", "ddim", "ddpm"] = "heun"
+    """Default sampler of ``generate_ensemble`` / ``geodiff generate``: ``heun`` (Karras et al.
+    2022, second order), ``dpmpp`` (DPM-Solver++(2M)), ``ddim`` (see ``eta``) or ``ddpm``
+    (ancestral). Gap filling always uses RePaint and ignores it."""
     steps: int = 18
+    """Noise levels the sampler visits (>= 1), as many denoiser calls (``heun``:
+    ``2 * steps - 1``); ``ddpm`` / ``ddim`` on a DDPM model take that many evenly spaced
+    schedule timesteps (at most ``diffusion.timesteps``, checked when generating) unless
+    ``timesteps`` is set. Also the default number of levels of gap filling."""
     eta: float = 0.0
     """DDIM stochasticity (0 = deterministic, 1 = ancestral)."""
     guidance: float = 1.0
     """Classifier-free guidance scale (1 = plain conditional model)."""
     members: int = 32
+    """Default members per condition cell of ``generate_ensemble`` / ``geodiff generate``, and
+    the ensemble size of ``geodiff quickstart`` (gap filling there too); ``fill_gaps`` /
+    ``geodiff fill-gaps`` default to 8 instead (>= 1)."""
     batch_size: int = 32
+    """Samples (condition cell x member) run through the sampler together when generating or
+    filling gaps (>= 1): larger is faster and needs more memory; changing it changes members
+    by float32 round-off unless ``compute_batch`` is set."""
     compute_batch: int | None = None
     """Evaluate the network on exactly this many samples at a time (the last chunk of a batch
     padded by repeating a sample), so that member i is bit-identical whatever ``batch_size``:
@@ -332,6 +445,10 @@ class GapFillConfig:
     """Gap filling (inpainting) evaluation settings."""
 
     enabled: bool = False
+    """Make ``geodiff quickstart`` run the gap-filling experiment with this recipe (train, hide
+    ``cloud_fraction`` of each held-out field as clouds, fill them with ``sampling.members``
+    members, score against a climatology) instead of the ensemble quickstart; ``fill_gaps``
+    does not read it."""
     cloud_fraction: float = 0.3
     """Fraction of valid pixels hidden as artificial clouds in the held-out fields."""
     resample: int = 5
@@ -348,11 +465,15 @@ class OutputConfig:
     """Where results go."""
 
     dir: str = "geodiff-runs"
+    """Default output folder (relative to the working directory): ``geodiff quickstart``
+    writes everything there (the run in ``dir/run``); ``geodiff train`` without ``--out`` and
+    :func:`geodiff.train.train` without ``run_dir`` train into ``dir/run``."""
     formats: tuple[Literal["netcdf", "zarr"], ...] = ("netcdf",)
     """Files ``geodiff quickstart`` writes its ensemble to (``ensemble.nc``, ``ensemble.zarr``;
     ``geodiff generate`` takes the format from the suffix of ``--out``)."""
     threshold: float | None = None
-    """Threshold (physical units) for exceedance-probability maps; ``None`` = training mean."""
+    """Threshold (physical units) of ``geodiff quickstart``'s exceedance-probability map;
+    ``None``: the mean of the held-out observations, rounded to a whole unit."""
 
     def validate(self, path: str) -> None:
         _require(len(self.formats) >= 1, f"{path}.formats", list(self.formats),
@@ -364,17 +485,31 @@ class Recipe:
     """A full experiment: data, model, training and sampling."""
 
     name: str
+    """Recipe name (required, non-empty); recorded in ensemble files (``geodiff_recipe``,
+    ``title``) and in the gap-filling report."""
     data: DataConfig
+    """Where the training fields come from (required section, :class:`DataConfig`)."""
     split: SplitConfig = field(default_factory=SplitConfig)
+    """Train / validation / test division (:class:`SplitConfig`; omitted: its defaults)."""
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    """Scaling of each variable to about [-1, 1] (:class:`ScalingConfig`; omitted: defaults)."""
     conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
+    """What the network is conditioned on (:class:`ConditioningConfig`; omitted: defaults)."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The UNet (:class:`ModelConfig`; omitted: its defaults)."""
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    """Noising process and training objective (:class:`DiffusionConfig`; omitted: defaults)."""
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    """The optimisation loop (:class:`TrainingConfig`; omitted: its defaults)."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """Default generation settings (:class:`SamplingConfig`; omitted: its defaults)."""
     gapfill: GapFillConfig = field(default_factory=GapFillConfig)
+    """Gap-filling settings (:class:`GapFillConfig`; omitted: its defaults)."""
     output: OutputConfig = field(default_factory=OutputConfig)
+    """Where results go (:class:`OutputConfig`; omitted: its defaults)."""
     description: str = ""
+    """Free text for people (default: empty); kept with the recipe (``recipe.yaml``, the
+    checkpoint) and not otherwise read."""
 
     def validate(self) -> Recipe:
         _require(bool(self.name), "name", self.name, "a non-empty string")
@@ -390,6 +525,11 @@ class Recipe:
             _require(max(self.sampling.timesteps) < self.diffusion.timesteps,
                      "sampling.timesteps", list(self.sampling.timesteps),
                      f"timesteps below diffusion.timesteps ({self.diffusion.timesteps})")
+        if (self.diffusion.parameterization == "ddpm" and self.sampling.timesteps is None
+                and self.sampling.sampler in ("ddim", "ddpm")):
+            _require(self.sampling.steps <= self.diffusion.timesteps, "sampling.steps",
+                     self.sampling.steps, f"<= diffusion.timesteps ({self.diffusion.timesteps}):"
+                     f" {self.sampling.sampler} visits that many of the model's timesteps")
         _require(self.sampling.guidance == 1.0 or cond.dropout > 0, "sampling.guidance",
                  self.sampling.guidance, "1 unless conditioning.dropout > 0: classifier-free "
                  "guidance extrapolates from the unconditional model, which only condition "

@@ -33,7 +33,8 @@ from geodiff.io import MEMBER, check_output_path
 from geodiff.pipeline import LoadedModel, load_model
 
 
-def fill_gaps(checkpoint: str | Path | LoadedModel, observed: xr.Dataset, members: int = 8, *,
+def fill_gaps(checkpoint: str | Path | LoadedModel, observed: xr.Dataset,
+              members: int | None = None, *,
               steps: int | None = None, resample: int | None = None, seed: int = 0,
               batch_size: int | None = None, compute_batch: int | None = None,
               out: str | Path | None = None,
@@ -44,6 +45,9 @@ def fill_gaps(checkpoint: str | Path | LoadedModel, observed: xr.Dataset, member
     ``observed`` holds the model's variables (with the levels it was trained on) on its grid,
     in any latitude order or longitude convention, and, for a model with
     ``conditioning.fields``, those condition fields for the same cells (no gaps needed).
+    ``members`` (default the recipe's ``sampling.members``), ``steps``, ``batch_size`` and
+    ``compute_batch`` default to the recipe's ``sampling`` section and ``resample`` to
+    ``gapfill.resample``; the sampler is always RePaint (no guidance).
     Returns a Dataset with dims (member, *sample dims of observed, [level], lat, lon) in the
     source's conventions, or streams it to ``out`` (``.nc`` / ``.zarr``) like
     :func:`geodiff.generate_ensemble`.
@@ -53,10 +57,11 @@ def fill_gaps(checkpoint: str | Path | LoadedModel, observed: xr.Dataset, member
 
     if out is not None:
         check_output_path(out, overwrite)
-    if not isinstance(members, int) or members < 1:
+    if members is not None and (not isinstance(members, int) or members < 1):
         raise ValueError(f"{members=} must be a positive integer")
     model = checkpoint if isinstance(checkpoint, LoadedModel) else load_model(checkpoint,
                                                                                 device=device)
+    members = members or model.recipe.sampling.members
     steps = steps or model.recipe.sampling.steps
     resample = resample or model.recipe.gapfill.resample
     batch_size = batch_size or model.recipe.sampling.batch_size

@@ -395,7 +395,8 @@ class Trainer:
             if self.step % tc.val_every == 0 or self.step == tc.steps:
                 val_loss = self.validation_loss()
                 record["val_loss"] = val_loss
-            if metrics is not None and (self.step % tc.log_every == 0 or "val_loss" in record):
+            if metrics is not None and (self.step % tc.log_every == 0 or "val_loss" in record
+                                        or not finite):  # every skipped step is on record
                 _append_jsonl(metrics, record)
             bar.update(1)
             bar.set_postfix(loss=f"{last_loss:.4f}",

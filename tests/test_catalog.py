@@ -429,3 +429,23 @@ def test_references_to_variables_not_selected_are_dropped(tmp_path: Path) -> Non
     src = xr.open_dataset(path)  # the source file's own Dataset is left as it was
     assert src["time"].attrs["bounds"] == "time_bnds" and src["tas"].attrs["grid_mapping"]
     src.close()
+
+
+def test_glob_of_files_is_concatenated_along_time_in_time_order(tmp_path: Path) -> None:
+    """``open_dataset("dir/tas_*.nc")``: every matching file, in time order even when the
+    names sort otherwise; overlapping periods are refused naming both files."""
+    for name, first in (("tas_b.nc", 0), ("tas_a.nc", 3)):  # 'a' holds the later period
+        ds = make_grid(n_time=3)
+        ds = ds.assign_coords(time=("time", ds.time.values + first, ds.time.attrs))
+        write(ds, tmp_path / name)
+    ds = catalog.open_dataset(str(tmp_path / "tas_*.nc"))
+    assert ds.sizes["time"] == 6 and ds.dayofyear.values.tolist() == [1, 2, 3, 4, 5, 6]
+    later = xr.open_dataset(tmp_path / "tas_a.nc")
+    np.testing.assert_array_equal(ds["tas"].isel(time=slice(3, None)).values,
+                                  later["tas"].values)
+    with pytest.raises(MissingFileError, match=r"'.*tas_\*\.zarr' matches no file"):
+        catalog.open_dataset(str(tmp_path / "tas_*.zarr"))
+    write(make_grid(n_time=2), tmp_path / "tas_c.nc")  # days 1-2 again
+    with pytest.raises(CatalogError, match=r"tas_.\.nc' \(.*\) and '.*tas_.\.nc' \(from .*\) "
+                                           "overlap"):
+        catalog.open_dataset(str(tmp_path / "tas_*.nc"))

@@ -61,6 +61,14 @@ def test_round_trip_through_yaml_is_exact():
         ({"training": {"weight_decay": -1}}, "training.weight_decay = -1.0 is invalid"),
         ({"training": {"lr": "fast"}}, "training.lr = 'fast' must be a number"),
         ({"sampling": {"guidance": 3.0}}, "1 unless conditioning.dropout > 0"),
+        ({"diffusion": {"parameterization": "ddpm", "timesteps": 20}},
+         "diffusion.timesteps = 20 is invalid: expected > 20 with schedule: linear"),
+        ({"diffusion": {"parameterization": "ddpm", "timesteps": 50},
+          "sampling": {"sampler": "ddpm", "steps": 60}},
+         "sampling.steps = 60 is invalid: expected <= diffusion.timesteps (50)"),
+        ({"training": {"ema_warmup_steps": -1}}, "training.ema_warmup_steps = -1 is invalid"),
+        ({"split": {"kind": "fraction", "test_fraction": 0.95, "val_fraction": 0.1}},
+         "val_fraction + test_fraction < 1"),
     ],
 )
 def test_bad_values_name_the_key_and_the_rule(patch, fragment):
@@ -68,6 +76,17 @@ def test_bad_values_name_the_key_and_the_rule(patch, fragment):
     with pytest.raises(ConfigError) as err:
         recipe_from_dict(data)
     assert fragment in str(err.value)
+
+
+def test_settings_a_choice_does_not_use_are_not_checked():
+    """A split kind, schedule or sampler that ignores a setting does not refuse its value."""
+    r = recipe_from_dict({**MINIMAL, "split": {"kind": "time_ranges", "test_fraction": 0.95,
+                                               "modulo": 1, "train": ["1860", "1900"]}})
+    assert r.split.test_fraction == 0.95
+    recipe_from_dict({**MINIMAL, "diffusion": {"parameterization": "ddpm", "timesteps": 10,
+                                               "schedule": "cosine"}})
+    recipe_from_dict({**MINIMAL, "diffusion": {"timesteps": 10},  # edm: no timesteps used
+                      "sampling": {"sampler": "heun", "steps": 60}})
 
 
 def test_sampling_timesteps_on_a_ddpm_recipe():

@@ -735,3 +735,12 @@ def test_text_times_need_a_recorded_calendar(trained, tmp_path):
     with pytest.raises(ValueError, match="does not record the calendar of its training "
                                          "times"):
         generate_ensemble(legacy, 1, {"time": ["1905-06-01"]}, progress=False)
+
+
+def test_gap_filling_members_default_to_the_recipe(trained):
+    obs = trained["held_out"].isel(time=[0]).copy(deep=True)
+    obs["tas"] = obs["tas"].where(np.random.default_rng(2).random(obs["tas"].shape) > 0.3)
+    filled = fill_gaps(trained["run"], obs, steps=2, resample=1, progress=False)
+    assert filled.sizes["member"] == load_model(trained["run"]).recipe.sampling.members == 3
+    with pytest.raises(ValueError, match="members=0 must be a positive integer"):
+        fill_gaps(trained["run"], obs, members=0)

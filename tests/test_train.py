@@ -152,21 +152,24 @@ def test_nonfinite_loss_can_be_skipped(tmp_path, monkeypatch):
     from geodiff.train import MAX_CONSECUTIVE_SKIPS, Trainer
 
     recipe = toy_recipe(tmp_path, training={"steps": 8, "checkpoint_every": 4,
-                                            "on_nonfinite": "skip"})
+                                            "log_every": 100, "on_nonfinite": "skip"})
     trainer = Trainer(recipe, tmp_path / "run", progress=False)
     real = trainer.loss_on
 
     def bad_last_step(module, batch, gen, **kw):
         loss = real(module, batch, gen, **kw)
-        return loss * float("nan") if trainer.step == 7 and module is trainer.train_module \
-            else loss
+        return loss * float("nan") if trainer.step in (2, 7) and \
+            module is trainer.train_module else loss
 
     monkeypatch.setattr(trainer, "loss_on", bad_last_step)
     result = trainer.fit()
     assert result.steps == 8 and result.checkpoint.name == "step_0000008"
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     last = [r for r in records if r.get("step") == 8 and "lr" in r][0]
-    assert last["loss"] is None and last["skipped_nonfinite"] == 1 and "val_loss" in last
+    assert last["loss"] is None and last["skipped_nonfinite"] == 2 and "val_loss" in last
+    # a skipped step off the log_every grid is on record too
+    third = [r for r in records if r.get("step") == 3]
+    assert len(third) == 1 and third[0]["loss"] is None and third[0]["skipped_nonfinite"] == 1
     (tmp_path / "b").mkdir()
     diverging = toy_recipe(tmp_path / "b", training={"steps": 40, "lr": 1e12, "grad_clip": 0.0,
                                                      "warmup_steps": 0, "on_nonfinite": "skip"})
