@@ -40,14 +40,14 @@ cores; the full run (grids 32x64 and 64x128, widths 64-128-256, two blocks per l
 pick one configuration (``--grids 32x64 --channels 1 --iters 10 --skip-sampler``: 7 min).
 
 What the numbers show (2 CPU cores; the H100 figures in README predate the CPU work below):
-on zero padding geodiff beats diffusers step for step (CPU quick 1.06-1.12x train /
-1.13-1.19x sample, full-size network 1.04-1.07x / 1.01-1.02x). The global configuration is
-1.18-1.25x train / 1.02-1.21x sample as fast as diffusers made seam-free with circular
-padding, the like-for-like peer, and 0.96-1.01x train / 0.98-1.04x sample plain diffusers
-at the quick sizes (90 % intervals within 0.93-1.12; full size at 32x64 1.01x [0.89, 1.29]
+on zero padding geodiff beats diffusers step for step (CPU quick 1.05-1.15x train /
+1.10-1.22x sample, full-size network 1.04-1.07x / 1.01-1.02x). The global configuration is
+1.17-1.28x train / 1.11-1.21x sample as fast as diffusers made seam-free with circular
+padding, the like-for-like peer, and 0.96-1.01x train / 0.96-1.05x sample plain diffusers
+at the quick sizes (90 % intervals within 0.93-1.07; full size at 32x64 1.01x [0.89, 1.29]
 / 0.94x [0.88, 1.00], at 64x128 0.95x [0.83, 1.36] / 0.99x [0.63, 1.12]), which has a seam
 and zero poles and needs 7-11 % (full size 8 % / 3 %) fewer multiply-adds: per multiply-add
-geodiff's global network is 1.02-1.15x as fast as plain diffusers (0.98x / 1.03x at
+geodiff's global network is 1.02-1.16x as fast as plain diffusers (0.98x / 1.03x at
 64x128). The price of the halo is that arithmetic plus the copy: every 3x3 convolution
 reads a (H + 2) x (W + 2) copy and its backward returns a gradient of that size (oneDNN's
 NCHW convolution took +19 % at 4x8, +5 % at 8x16, +6 % at 16x32, +2 % at 32x64 over its own
