@@ -34,6 +34,7 @@ import xarray as xr
 import yaml
 
 from geodiff import grid
+from geodiff.cfcheck import REFERENCE_ATTRS
 
 DEFAULT_CATALOG = Path(__file__).resolve().with_name("data_catalog.yaml")
 ENGINES = ("netcdf", "zarr")
@@ -487,26 +488,23 @@ def open_dataset(name_or_path: str, *, catalog: str | Path | None = None,
     return ds
 
 
-_REFERENCES = ("bounds", "grid_mapping", "ancillary_variables")
-"""Attributes naming other variables of the file (CF 7.1, 5.6, 3.4)."""
-
-
 def _drop_dangling_references(ds: xr.Dataset) -> xr.Dataset:
     """``ds`` without the references (e.g. ``time: bounds = "time_bnds"``, ``tas:
     grid_mapping = "crs"``) to variables that were not selected: written back, they would
     name variables missing from the file (a CF error; :func:`geodiff.cfcheck.cf_problems`
-    reports it). ``ancillary_variables`` keeps the names still present; ``bounds`` and
-    ``grid_mapping`` (also the extended form ``"crs: lat lon"``) go when a name is missing."""
+    reports it). ``ancillary_variables`` and ``coordinates`` keep the names still present;
+    ``bounds`` and ``grid_mapping`` (also the extended form ``"crs: lat lon"``) go when a
+    name is missing."""
     names = set(map(str, ds.variables))
     out = None
     for name, var in ds.variables.items():
         attrs = dict(var.attrs)
-        for key in _REFERENCES:
+        for key in REFERENCE_ATTRS:
             words = str(attrs.get(key, "")).split()
             kept = [w for w in words if w.rstrip(":") in names]
             if kept == words:
                 continue
-            if key == "ancillary_variables" and kept:
+            if key in ("ancillary_variables", "coordinates") and kept:
                 attrs[key] = " ".join(kept)
             else:  # bounds, or a grid mapping (also "crs: lat lon") naming a missing one
                 del attrs[key]

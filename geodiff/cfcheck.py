@@ -29,6 +29,8 @@ _TIME_UNITS = re.compile(r"^\s*(days?|d|hours?|hrs?|h|minutes?|mins?|seconds?|se
                          r"-?\d{1,4}-\d{1,2}-\d{1,2}")
 """UDUNITS time units (singular, plural or abbreviated) since a reference date; ``months``
 and ``years`` are left out (CF 4.4: they are not calendar months / years)."""
+REFERENCE_ATTRS = ("coordinates", "bounds", "grid_mapping", "ancillary_variables")
+"""Attributes whose words name other variables of the file (CF 5, 7.1, 5.6, 3.4)."""
 _LAT_UNITS = {"degrees_north", "degree_north", "degree_N", "degrees_N", "degreeN", "degreesN"}
 _LON_UNITS = {"degrees_east", "degree_east", "degree_E", "degrees_E", "degreeE", "degreesE"}
 
@@ -109,17 +111,13 @@ def _problems(ds: xr.Dataset, decoded: xr.Dataset) -> list[str]:
             if isinstance(value, (dict, list)) or value is None:
                 problems.append(f"{name!r}: attribute {key!r} has non-netCDF type")
     for name, var in ds.variables.items():
-        for key in _REFERENCES:
+        for key in REFERENCE_ATTRS:
             for ref in str(var.attrs.get(key, "")).split():
                 ref = ref.rstrip(":")  # grid_mapping's extended form "crs: lat lon"
                 if ref and ref not in ds.variables:
                     problems.append(f"{name!r}: {key} attribute names missing variable {ref!r}")
     problems += _cf_xarray_axes(decoded)
     return problems
-
-
-_REFERENCES = ("coordinates", "bounds", "grid_mapping", "ancillary_variables")
-"""Attributes whose words name other variables of the file (CF 5, 7.1, 5.6, 3.4)."""
 
 
 def _cf_xarray_axes(decoded: xr.Dataset) -> list[str]:

@@ -21,6 +21,7 @@ import torch
 import xarray as xr
 
 from geodiff._version import __version__
+from geodiff.cfcheck import REFERENCE_ATTRS
 from geodiff.io import MEMBER, EnsembleWriter, check_output_path, output_format
 from geodiff.pipeline import LoadedModel, load_model
 from geodiff.samples import parse_times
@@ -269,8 +270,7 @@ def variable_attrs(model: LoadedModel, name: str) -> dict[str, Any]:
 def _drop_references(attrs: Mapping[str, Any]) -> dict[str, Any]:
     """A condition coordinate's attributes without those naming other variables
     (``bounds: time_bnds``): the generated file carries the coordinate, not its bounds."""
-    return {k: v for k, v in attrs.items()
-            if k not in ("bounds", "grid_mapping", "ancillary_variables", "coordinates")}
+    return {k: v for k, v in attrs.items() if k not in REFERENCE_ATTRS}
 
 
 def _provenance(model: LoadedModel, *, sampler: str, steps: int, guidance: float, seed: int,
