@@ -265,26 +265,20 @@ def _is_path_like(s: str) -> bool:
 
 
 def _user_entry(target: str) -> CatalogEntry:
-    """The entry of a path or URL given directly. A local path with glob characters
-    (``/data/tas_day_*.nc``, e.g. a CMIP variable split into yearly files) is every file it
-    matches, concatenated along time (in time order, whatever the file names)."""
-    if "://" not in target and glob.has_magic(target):
-        matches = sorted(glob.glob(str(Path(target).expanduser())))
-        if not matches:
-            raise MissingFileError(f"{target!r} matches no file; check the directory and the "
-                                   "pattern (glob syntax: *, ?, [...])")
-        return CatalogEntry(name=target, description="user dataset", license="unknown",
-                            attribution="unknown",
-                            sources=tuple(Source(path=m) for m in matches),
-                            concat=Concat(dim=grid.TIME) if len(matches) > 1 else None)
+    """The entry of a path or URL given directly (a local path may be a glob pattern, see
+    :func:`_locate`)."""
     src = Source(url=target) if "://" in target else Source(path=str(Path(target).expanduser()))
     return CatalogEntry(name=target, description="user dataset", license="unknown",
                         attribution="unknown", sources=(src,),
                         needs_network="://" in target and not target.startswith("file://"))
 
 
-def _locate(src: Source, entry: CatalogEntry) -> str | Path:
-    """Local path or URL of a source; raises if a package, file or fsspec backend is missing."""
+def _locate(src: Source, entry: CatalogEntry) -> list[str | Path]:
+    """Local paths or URL of a source; raises if a package, file or fsspec backend is missing.
+
+    A local path with glob characters (``tas_day_*.nc``: a variable split into files of
+    consecutive periods, as CMIP and ERA5 downloads are) gives every file it matches, in
+    name order; :func:`open_dataset` concatenates them along time into one source."""
     if src.url is not None:
         protocol = src.url.split("://", 1)[0].lower()
         backend = _PROTOCOL_PACKAGES.get(protocol)
@@ -295,7 +289,7 @@ def _locate(src: Source, entry: CatalogEntry) -> str | Path:
                 + (" (and internet access)" if entry.needs_network else ""))
             err.name = backend
             raise err
-        return src.url
+        return [src.url]
     assert src.path is not None
     if src.package is not None:
         try:
@@ -316,10 +310,17 @@ def _locate(src: Source, entry: CatalogEntry) -> str | Path:
         if not path.is_absolute() and entry.catalog_path is not None:
             path = entry.catalog_path.parent / path
             where = f"relative to the catalog {str(entry.catalog_path)!r}"
+    if glob.has_magic(str(path)):
+        matches = sorted(Path(m) for m in glob.glob(str(path)))
+        if not matches:
+            raise MissingFileError(f"catalog entry {entry.name!r}: {str(path)!r} matches no "
+                                   f"file (path {src.path!r} {where}); check the directory "
+                                   "and the pattern (glob syntax: *, ?, [...])")
+        return list(matches)
     if not path.exists():
         raise MissingFileError(f"catalog entry {entry.name!r}: file {str(path)!r} does not "
                                f"exist (path {src.path!r} {where})")
-    return path
+    return [path]
 
 
 def _engine(location: str | Path, engine: str | None) -> str:
@@ -455,11 +456,18 @@ def open_dataset(name_or_path: str, *, catalog: str | Path | None = None,
                            f"sources along {entry.concat.dim!r}, which would load them "
                            "whole without dask; use reader='dask' for it")
     locations = [_locate(s, entry) for s in entry.sources]
+    if reader == "tensorstore" and any(len(locs) > 1 for locs in locations):
+        raise CatalogError(f"catalog entry {entry.name!r}: a glob source is concatenated along "
+                           "time, which would load its files whole without dask; use "
+                           "reader='dask' for it")
+    opened: list[xr.Dataset] = []
     parts = []
-    for loc in locations:
-        engine = _engine(loc, entry.engine)
-        parts.append(_open_one(loc, engine) if reader == "dask"
-                     else _open_tensorstore(loc, engine, entry.name))
+    for locs in locations:
+        files = [_open_one(loc, _engine(loc, entry.engine)) if reader == "dask"
+                 else _open_tensorstore(loc, _engine(loc, entry.engine), entry.name)
+                 for loc in locs]
+        opened += files
+        parts.append(files[0] if len(files) == 1 else _concat_files(files, locs, entry))
 
     wanted = list(variables) if variables is not None else \
         list(entry.variables) if entry.variables is not None else None
@@ -484,7 +492,7 @@ def open_dataset(name_or_path: str, *, catalog: str | Path | None = None,
     ds.attrs["geodiff_source"] = entry.name
     # standardize/subset/chunk build new Datasets, which forget the files behind them:
     # close() (or a with block) closes every opened source, so the files can be rewritten
-    ds.set_close(lambda: [p.close() for p in parts])
+    ds.set_close(lambda: [p.close() for p in opened])
     return ds
 
 
@@ -544,7 +552,8 @@ def _combine(parts: list[xr.Dataset], entry: CatalogEntry, variables: list[str])
                 dim = {info.time_name: grid.TIME, info.level_name: grid.LEVEL,
                        info.lat_name: grid.LAT, info.lon_name: grid.LON}.get(c.dim, c.dim)
             if isinstance(dim, str) and dim == grid.TIME:  # consecutive periods, any order
-                parts = _in_time_order(parts, entry)
+                parts = _in_time_order(parts, [str(s.path or s.url) for s in entry.sources],
+                                       entry.name)
             out = xr.concat(parts, dim=dim, data_vars=variables, coords="minimal",
                             compat="override", **kw)
     except ValueError as err:
@@ -556,24 +565,47 @@ def _combine(parts: list[xr.Dataset], entry: CatalogEntry, variables: list[str])
     return grid.standardize(out)
 
 
-def _in_time_order(parts: list[xr.Dataset], entry: CatalogEntry) -> list[xr.Dataset]:
-    """``parts`` sorted by their first time; CatalogError naming the sources when their times
-    overlap (the same period in two files: a duplicate, or files of different runs)."""
+def _in_time_order(parts: list[xr.Dataset], names: Sequence[str], entry_name: str
+                   ) -> list[xr.Dataset]:
+    """Standardised ``parts`` sorted by their first time; CatalogError naming the two
+    (``names``) whose times overlap (the same period twice: a duplicate file, or files of
+    different runs)."""
     if not all(grid.TIME in p.coords and p.sizes.get(grid.TIME, 0) for p in parts):
         return parts
     try:
         order = sorted(range(len(parts)), key=lambda i: parts[i][grid.TIME].values[0])
     except TypeError:  # undecoded or mixed calendars: keep the given order
         return parts
-    names = [str(s.path or s.url) for s in entry.sources]
     for a, b in itertools.pairwise(order):
         if not parts[a][grid.TIME].values[-1] < parts[b][grid.TIME].values[0]:
             raise CatalogError(
-                f"catalog entry {entry.name!r}: the times of {names[a]!r} "
+                f"catalog entry {entry_name!r}: the times of {names[a]!r} "
                 f"({parts[a][grid.TIME].values[0]} .. {parts[a][grid.TIME].values[-1]}) and "
                 f"{names[b]!r} (from {parts[b][grid.TIME].values[0]}) overlap; concatenate "
                 "files of consecutive periods only (drop duplicates or files of other runs)")
     return [parts[i] for i in order]
+
+
+def _concat_files(files: list[xr.Dataset], locations: list[str | Path],
+                  entry: CatalogEntry) -> xr.Dataset:
+    """The files of one glob source as one Dataset: standardised, in time order, concatenated
+    along time (variables without a time dimension, e.g. ``lat_bnds``, taken once)."""
+    names = [str(loc) for loc in locations]
+    parts = [grid.standardize(f) for f in files]
+    missing = [n for n, p in zip(names, parts) if grid.TIME not in p.dims]
+    if missing:
+        raise CatalogError(f"catalog entry {entry.name!r}: a glob source is concatenated along "
+                           f"time, but {missing[:3]} have no time dimension")
+    try:
+        out = xr.concat(_in_time_order(parts, names, entry.name), dim=grid.TIME,
+                        data_vars="minimal", coords="minimal", compat="override",
+                        join="exact", combine_attrs="drop_conflicts")
+    except ValueError as err:
+        raise CatalogError(f"catalog entry {entry.name!r}: the files {names[:3]}... of its "
+                           f"glob source do not share one grid and can't be concatenated "
+                           f"({err})") from err
+    out.attrs[grid.ATTR] = parts[0].attrs[grid.ATTR]
+    return out
 
 
 def _on_longitudes_of(part: xr.Dataset, first: xr.Dataset) -> xr.Dataset:

@@ -449,3 +449,22 @@ def test_glob_of_files_is_concatenated_along_time_in_time_order(tmp_path: Path) 
     with pytest.raises(CatalogError, match=r"tas_.\.nc' \(.*\) and '.*tas_.\.nc' \(from .*\) "
                                            "overlap"):
         catalog.open_dataset(str(tmp_path / "tas_*.nc"))
+
+
+def test_catalog_source_may_be_a_glob_of_yearly_files(tmp_path: Path) -> None:
+    """A catalog source ``u_*.nc`` (one variable split into periods) is one source: its
+    files concatenated along time, then merged with the entry's other source."""
+    (tmp_path / "u").mkdir()
+    for i in range(2):
+        ds = make_grid(var="u", n_time=2)
+        ds = ds.assign_coords(time=("time", ds.time.values + 2 * i, ds.time.attrs))
+        write(ds, tmp_path / "u" / f"u_{i}.nc")
+    write(make_grid(var="v", n_time=4), tmp_path / "v.nc")
+    cat = _catalog(tmp_path, {"name": "wind", "sources": [{"path": "u/u_*.nc"},
+                                                          {"path": "v.nc"}]})
+    ds = catalog.open_dataset("wind", catalog=cat)
+    assert sorted(ds.data_vars) == ["u", "v"] and ds.sizes["time"] == 4
+    files = [xr.open_dataset(tmp_path / "u" / f"u_{i}.nc")["u"].values for i in range(2)]
+    np.testing.assert_array_equal(ds["u"].values, np.concatenate(files))
+    with pytest.raises(CatalogError, match="reader='dask'"):
+        catalog.open_dataset("wind", catalog=cat, reader="tensorstore")
