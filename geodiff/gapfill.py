@@ -105,7 +105,8 @@ def fill_gaps(checkpoint: str | Path | LoadedModel, observed: xr.Dataset,
         with torch.no_grad():
             x = inpaint(denoise, obs_t[idx].to(dev), known_t[idx].to(dev), gens, steps=steps,
                         sigma_min=smin, sigma_max=smax, rho=model.recipe.sampling.rho,
-                        resample=resample, device=dev)
+                        resample=resample, device=dev,
+                        schedule=getattr(model.denoiser, "schedule", None))  # DDPM: its levels
         return model.padding.crop(x.float().cpu()).numpy()
 
     attrs = _provenance(model, sampler="inpaint", steps=steps, guidance=1.0, seed=seed, eta=0.0,

@@ -296,6 +296,7 @@ def sample(denoiser: Denoiser, shape: Sequence[int], generators: Sequence[torch.
         for s_t, s_s in pairs:
             gamma = gamma_max if s_tmin <= s_t <= s_tmax else 0.0
             x = _heun_step(counted, x, s_t, s_s, gamma, s_noise, noise)
+    x = x.float()  # the last step returns the denoiser's output, whatever its dtype
     return (x, counted.calls) if return_nfe else x
 
 
@@ -337,14 +338,17 @@ def _heun_step(denoiser: Denoiser, x: Tensor, s_t: float, s_s: float, gamma: flo
                s_noise: float, noise: _MemberNoise) -> Tensor:
     """One step of Karras et al. (2022), Algorithm 2 (Algorithm 1 when ``gamma = 0``):
     raise the noise to ``s_hat = (1 + gamma) s_t``, Euler step of ``dx/dsigma = (x - D) /
-    sigma`` to ``s_s``, then the trapezoidal (Heun) correction unless ``s_s = 0``."""
+    sigma`` to ``s_s``, then the trapezoidal (Heun) correction unless ``s_s = 0``.  The Euler
+    step to ``s_s = 0``, ``x - s_hat (x - D) / s_hat``, is ``D`` exactly and returned as such
+    (in float32 the difference would leave a rounding error of order ``ulp(x)``)."""
     s_hat = s_t * (1.0 + gamma)
     if gamma > 0:
         x = x + math.sqrt(s_hat**2 - s_t**2) * s_noise * noise()
-    d = (x - denoiser(x, _sigma_batch(s_hat, x))) / s_hat
-    x_next = x + (s_s - s_hat) * d
+    denoised = denoiser(x, _sigma_batch(s_hat, x))
     if s_s == 0:
-        return x_next
+        return denoised
+    d = (x - denoised) / s_hat
+    x_next = x + (s_s - s_hat) * d
     d_next = (x_next - denoiser(x_next, _sigma_batch(s_s, x_next))) / s_s
     return x + (s_s - s_hat) * 0.5 * (d + d_next)
 

@@ -325,6 +325,38 @@ def test_ddpm_denoiser_of_optimal_network_is_the_optimal_denoiser(prediction):
                                rtol=1e-3, atol=1e-4)
 
 
+def test_vp_coefficients_keep_float32_precision_near_alpha_bar_one():
+    """sqrt(1 - alpha_bar) must be formed before anything is rounded to float32: at t = 0 of
+    the 1000-step cosine schedule 1 - alpha_bar = 4.1e-5, and 1 - float32(alpha_bar) is off by
+    5e-4 relative (the noise level by 2.6e-4, ~2000 float32 ulps); DDPMDenoiser's
+    1 - 1 / (1 + sigma^2) in float32 is off by 15 % of sigma at sigma = 3e-4 and is 0 below
+    2.4e-4.  Formed without cancellation, each value below is a product or quotient of
+    correctly rounded float32 numbers: a few ulps (relative 2^-23 = 1.2e-7 each)."""
+    s = make_schedule("cosine", 1000)
+    t = torch.tensor([0, 1, 2])
+    sqrt_1ma = (1 - s.alpha_bar[t]).sqrt().reshape(-1, 1, 1, 1)
+    zeros, ones = torch.zeros(3, 1, 1, 1), torch.ones(3, 1, 1, 1)
+    rel = dict(rtol=5e-7, atol=0.0)
+    torch.testing.assert_close(q_sample(s, zeros, t, ones).double(), sqrt_1ma, **rel)
+    net = ConstantNet(0.0)
+    ddpm_loss(net, s, zeros, ones, prediction="v", generator=None, t=t, noise=ones)
+    torch.testing.assert_close(net.calls[0][0].double(), sqrt_1ma, **rel)
+    # v target for x0 = 1, eps = 0 is -sqrt(1 - alpha_bar); the loss of output 0 its mean square
+    loss = ddpm_loss(ConstantNet(0.0), s, ones, ones, prediction="v", generator=None, t=t,
+                     noise=zeros)
+    assert loss.item() == pytest.approx(sqrt_1ma.square().mean().item(), rel=2e-6)
+    # x0 prediction 0 at xt = 1: eps_hat = 1 / sqrt(1 - alpha_bar)
+    den = DDPMDenoiser(ConstantNet(0.0), s, "x0")
+    torch.testing.assert_close(den.eps(ones, t).double(), 1 / sqrt_1ma, **rel)
+    # eps prediction 1 in the VE form: x0_hat = x - sigma exactly; rounding of x sqrt(a) and
+    # of the quotient, a few ulp(0.7) = 6e-8
+    den = DDPMDenoiser(ConstantNet(1.0), s, "eps")
+    sigma = torch.tensor([1e-4, 3e-4, 1e-3, float(s.sigmas[0])])
+    x = torch.full((4, 1, 1, 1), 0.7)
+    err = den(x, sigma).double().flatten() - (x.double().flatten() - sigma.double())
+    assert err.abs().max().item() < 3e-7, err
+
+
 def test_ddpm_denoiser_rejects_bad_input():
     with pytest.raises(ValueError, match="prediction="):
         DDPMDenoiser(ConstantNet(), make_schedule("cosine", 10), prediction="score")
