@@ -14,7 +14,7 @@ from geodiff._version import __version__
 
 
 def _add_common(p: argparse.ArgumentParser, *, seed: bool = True) -> None:
-    p.add_argument("--device", default="auto",
+    p.add_argument("--device", default="auto", type=_device,
                    help="cpu, cuda, cuda:1 ... (default auto: CUDA when available)")
     if seed:
         p.add_argument("--seed", type=_seed, default=None, help="random seed (an integer >= 0)")
@@ -32,6 +32,45 @@ def _seed(text: str) -> int:
     return value
 
 
+def _device(text: str) -> str:
+    """``--device``: ``auto`` or a torch device string (``cpu``, ``cuda``, ``cuda:1``, ...)."""
+    if text == "auto":
+        return text
+    import torch
+
+    try:
+        torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"--device {text!r} is not a device; use auto, cpu, "
+                                         "cuda or cuda:N (e.g. --device cuda:0)") from None
+    return text
+
+
+def _positive_int(flag: str, example: int):
+    """An argparse type for ``flag``: an integer >= 1 (0 would silently mean the default)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{flag} {text!r}: expected an integer >= 1, e.g. "
+                                             f"{flag} {example}")
+        return value
+
+    return parse
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    """``--sel DIM=VALUE`` -> ``(DIM, VALUE)``."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip() or not value.strip():
+        raise argparse.ArgumentTypeError(f"--sel {text!r}: expected DIM=VALUE, e.g. --sel "
+                                         "time=2095-06-01 or --sel scenario=A1B")
+    return key.strip(), value.strip()
+
+
 def _int_list(text: str) -> list[int]:
     """``"999,500,0"`` -> ``[999, 500, 0]``."""
     try:
@@ -42,16 +81,19 @@ def _int_list(text: str) -> list[int]:
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--members", type=int, default=None, help="members per condition cell")
+    p.add_argument("--members", type=_positive_int("--members", 10), default=None,
+                   help="members per condition cell (default: the recipe's sampling.members)")
     p.add_argument("--sampler", default=None, help="heun, dpmpp, ddim or ddpm")
-    p.add_argument("--steps", type=int, default=None, help="sampler steps")
+    p.add_argument("--steps", type=_positive_int("--steps", 18), default=None,
+                   help="sampler steps")
     p.add_argument("--timesteps", type=_int_list, default=None,
                    help="ddpm/ddim on a DDPM model: these schedule timesteps (comma-separated, "
                         "e.g. 999,700,400,150,0) instead of --steps evenly spaced ones")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance")
     p.add_argument("--eta", type=float, default=None, help="DDIM eta")
-    p.add_argument("--batch-size", type=int, default=None, help="samples generated together")
-    p.add_argument("--compute-batch", type=int, default=None,
+    p.add_argument("--batch-size", type=_positive_int("--batch-size", 16), default=None,
+                   help="samples generated together")
+    p.add_argument("--compute-batch", type=_positive_int("--compute-batch", 8), default=None,
                    help="network batches of exactly this size: members bit-identical "
                         "whatever --batch-size")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -106,13 +148,19 @@ def build_parser() -> argparse.ArgumentParser:
     fill.add_argument("observed", help="NetCDF/Zarr with NaN gaps (and the model's "
                       "conditioning.fields, if any)")
     fill.add_argument("--out", required=True, help="ensemble of completions (.nc or .zarr)")
-    fill.add_argument("--members", type=int, default=None,
+    fill.add_argument("--members", type=_positive_int("--members", 10), default=None,
                       help="members per field (default: the recipe's sampling.members)")
-    fill.add_argument("--steps", type=int, default=None)
-    fill.add_argument("--resample", type=int, default=None, help="RePaint resampling jumps")
-    fill.add_argument("--batch-size", type=int, default=None)
-    fill.add_argument("--compute-batch", type=int, default=None)
-    fill.add_argument("--overwrite", action="store_true")
+    fill.add_argument("--steps", type=_positive_int("--steps", 18), default=None,
+                      help="sampler steps (default: the recipe's sampling.steps)")
+    fill.add_argument("--resample", type=_positive_int("--resample", 5), default=None,
+                      help="RePaint resampling jumps per step (default: the recipe's "
+                           "gapfill.resample)")
+    fill.add_argument("--batch-size", type=_positive_int("--batch-size", 16), default=None,
+                      help="samples completed together (default: the recipe's "
+                           "sampling.batch_size)")
+    fill.add_argument("--compute-batch", type=_positive_int("--compute-batch", 8),
+                      default=None, help="network batches of exactly this size")
+    fill.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     _add_common(fill)
 
     ev = sub.add_parser("evaluate", help="score an ensemble against observations")
@@ -122,11 +170,25 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", required=True, help="report folder (scores.json, scores.md)")
 
     pl = sub.add_parser("plot", help="maps of an ensemble")
-    pl.add_argument("ensemble")
-    pl.add_argument("--kind", default="mean", choices=["members", "mean", "spread", "exceedance"])
-    pl.add_argument("--variable", default=None)
-    pl.add_argument("--threshold", type=float, default=None, help="for --kind exceedance")
-    pl.add_argument("--obs", default=None, help="observations shown next to members")
+    pl.add_argument("ensemble", help="ensemble file (.nc or .zarr)")
+    pl.add_argument("--kind", default="mean", choices=["members", "mean", "spread", "exceedance"],
+                    help="members (up to 4), mean (default), spread, or exceedance "
+                         "probability (needs --threshold)")
+    pl.add_argument("--variable", default=None,
+                    help="variable to map (default: the first with a member dimension)")
+    pl.add_argument("--threshold", type=float, default=None,
+                    help="for --kind exceedance, in the data's units")
+    pl.add_argument("--sel", type=_key_value, action="append", default=[],
+                    metavar="DIM=VALUE",
+                    help="which field to map, e.g. --sel time=2095-06-01 --sel scenario=A1B "
+                         "(also a coordinate along a dim, e.g. year=2055; default: the first "
+                         "field of each sample dim)")
+    pl.add_argument("--member", action="append", default=None, metavar="LABEL",
+                    help="for --kind members: a member to show (repeat for several; default "
+                         "the first four)")
+    pl.add_argument("--obs", default=None,
+                    help="observations (same grid): shown next to the members or the mean, "
+                         "as |mean - obs| next to the spread, as a contour at --threshold")
     pl.add_argument("--out", required=True, help="PNG path")
 
     qs = sub.add_parser("quickstart", help="train, generate, evaluate and plot the quickstart")
@@ -134,8 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="output folder (default: the recipe's output.dir)")
     qs.add_argument("--recipe", default="quickstart",
                     help="quickstart (default) or a gap-filling recipe such as ostia_gapfill")
-    qs.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    qs.add_argument("--resume", action="store_true")
+    qs.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a recipe key, e.g. --set training.steps=200")
+    qs.add_argument("--resume", action="store_true",
+                    help="continue the training from its latest checkpoint")
     _add_common(qs)
     return parser
 
@@ -217,12 +281,16 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                     grid = tuple(int(v) for v in args.grid.lower().split("x"))
                 except ValueError:
                     grid = ()
-                if len(grid) != 2:
-                    raise ValueError(f"--grid {args.grid!r} must look like 32x64 (lat x lon)")
+                if len(grid) != 2 or min(grid) < 1:
+                    raise ValueError(f"--grid {args.grid!r} must look like 32x64 (lat x lon, "
+                                     "integers >= 1)")
             print(dry_run(recipe, device=args.device, grid=grid))
             return 0
         from geodiff.train import train
 
+        if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+            raise ValueError(f"--out {args.out!r} is an existing file; the run is a folder "
+                             "(checkpoints, metrics.jsonl): give a folder path, e.g. --out run")
         result = train(recipe, args.out, device=args.device, resume=args.resume)
         print(f"trained {result.steps} steps in {result.seconds:.0f} s; "
               f"checkpoint: {result.checkpoint}")
@@ -251,6 +319,9 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if cmd == "evaluate":
         from geodiff.analysis import evaluate
 
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise ValueError(f"--out {args.out!r} is an existing file; the report is a folder "
+                             "(scores.json, scores.md): give a folder path, e.g. --out report")
         ref = _open_any(args.reference) if args.reference else None
         report = evaluate(_open_any(args.ensemble), _open_any(args.obs), reference=ref,
                           out_dir=args.out)
@@ -260,9 +331,12 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if cmd == "plot":
         from geodiff.plot import plot_ensemble
 
+        if args.member and args.kind != "members":
+            raise ValueError(f"--member is for --kind members, not --kind {args.kind}")
         obs = _open_any(args.obs) if args.obs else None
         path = plot_ensemble(_open_any(args.ensemble), args.kind, args.out,
-                             variable=args.variable, threshold=args.threshold, obs=obs)
+                             variable=args.variable, threshold=args.threshold, obs=obs,
+                             sel=dict(args.sel), member=args.member)
         print(f"wrote {path}")
         return 0
     if cmd == "quickstart":

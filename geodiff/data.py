@@ -23,7 +23,7 @@ import torch
 import xarray as xr
 
 from geodiff.config import ConditioningConfig
-from geodiff.grid import LAT, LEVEL, LON, loss_area_weights
+from geodiff.grid import LAT, LEVEL, LON, loss_area_weights, match_values
 from geodiff.samples import TIME, ConditionSpec, _plain, split_dataset
 from geodiff.scaling import Scaler
 
@@ -521,26 +521,6 @@ def on_grid(other: xr.Dataset, ds: xr.Dataset, what: str = "static fields") -> x
         picks[dim] = idx
     return other.isel(picks)
 
-
-def match_values(want: np.ndarray, have: np.ndarray, period: float | None, atol: float = 1e-4
-           ) -> np.ndarray:
-    """Index in ``have`` of each value of ``want`` (within ``atol``, modulo ``period``), -1
-    where there is none."""
-    if period is not None:
-        want, have = np.mod(want, period), np.mod(have, period)
-    order = np.argsort(have, kind="stable")
-    sorted_have = have[order]
-    pos = np.searchsorted(sorted_have, want)
-    best = np.full(want.shape, -1)
-    best_err = np.full(want.shape, np.inf)
-    for cand in (pos - 1, pos, 0, len(have) - 1):  # neighbours, and both ends (wrap-around)
-        c = np.clip(cand, 0, len(have) - 1)
-        err = np.abs(sorted_have[c] - want)
-        if period is not None:
-            err = np.minimum(err, period - err)
-        better = err < best_err
-        best, best_err = np.where(better, order[c], best), np.where(better, err, best_err)
-    return np.where(best_err <= atol, best, -1)
 
 
 def threaded_batches(dataset: FieldDataset, index_batches: Iterable[Sequence[int]],

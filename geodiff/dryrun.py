@@ -34,8 +34,13 @@ def _shapes_from_grid(recipe: Recipe, grid: tuple[int, int]) -> dict:
     cc = recipe.conditioning
     n_fields = 4 * cc.coord_channels + len(cc.fields) + len(cc.static_fields)
     cond_dim = int(cc.year) + 2 * int(cc.day_of_year) + 4 * len(cc.labels)
+    # as prepare_data decides (pipeline.pole_padding_fits) for a global grid of cell-centred
+    # rows: pole padding only without data-layer padding and with an even coarsest width;
+    # otherwise the network zero-pads latitude (a grid needing padding, or an odd width,
+    # trains fine, and must not fail here)
+    global_lat = padded == (n_lat, n_lon) and (n_lon // mult) % 2 == 0
     return {"spec": {"in_channels": c + n_fields, "out_channels": c, "cond_dim": cond_dim,
-                     "periodic": True, "global_lat": True, "sigma_data": 0.5},
+                     "periodic": True, "global_lat": global_lat, "sigma_data": 0.5},
             "n_train": None, "n_val": None, "padded": padded, "grid": grid,
             "channels": list(recipe.data.variables)}
 
@@ -57,8 +62,8 @@ def dry_run(recipe: Recipe, *, device: str | None = None,
                              "--grid 32x64 (CLI) or dry_run(recipe, grid=(32, 64))") from err
     else:
         info = _shapes_from_grid(recipe, grid)
-        note = (" (from the given grid size, assumed global; cond_dim assumes 4 values per "
-                "label)")
+        note = (" (from the given grid size, assumed global with cell-centred rows; one "
+                "level per variable, no NaN mask channel, 4 values per label)")
     denoiser = build_denoiser(recipe, info["spec"]).to(dev)
     n_params = sum(p.numel() for p in denoiser.parameters())
     spec = info["spec"]

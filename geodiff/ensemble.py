@@ -127,8 +127,8 @@ def on_model_grid(model: LoadedModel, ds: xr.Dataset, names: Sequence[str],
     level dimension where the model has none (or the reverse) and dims that are neither
     sample dims nor lat/lon/level.
     """
-    from geodiff.data import match_values, on_grid
-    from geodiff.grid import LAT, LEVEL, LON
+    from geodiff.data import on_grid
+    from geodiff.grid import LAT, LEVEL, LON, match_values
 
     missing = [v for v in names if v not in ds.data_vars]
     if missing:

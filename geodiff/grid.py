@@ -647,3 +647,25 @@ def _jsonable(obj: Any) -> Any:
     if obj is None or isinstance(obj, (str, int, float, bool)):
         return obj
     return str(obj)
+
+
+def match_values(want: np.ndarray, have: np.ndarray, period: float | None, atol: float = 1e-4
+                 ) -> np.ndarray:
+    """Index in ``have`` of the value nearest each value of ``want`` (modulo ``period``,
+    e.g. 360 for longitudes) when within ``atol``, else -1; O(n log n), so grids of 7200
+    longitudes match fast."""
+    if period is not None:
+        want, have = np.mod(want, period), np.mod(have, period)
+    order = np.argsort(have, kind="stable")
+    sorted_have = have[order]
+    pos = np.searchsorted(sorted_have, want)
+    best = np.full(want.shape, -1)
+    best_err = np.full(want.shape, np.inf)
+    for cand in (pos - 1, pos, 0, len(have) - 1):  # neighbours, and both ends (wrap-around)
+        c = np.clip(cand, 0, len(have) - 1)
+        err = np.abs(sorted_have[c] - want)
+        if period is not None:
+            err = np.minimum(err, period - err)
+        better = err < best_err
+        best, best_err = np.where(better, order[c], best), np.where(better, err, best_err)
+    return np.where(best_err <= atol, best, -1)

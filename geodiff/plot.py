@@ -2,10 +2,13 @@
 
 Maps (:func:`plot_ensemble`, :func:`map_fields`) draw selected members, the ensemble mean,
 the spread and exceedance probabilities on a PlateCarree data transform: regional grids
-get their own extent, global grids a Robinson map with a cyclic column (no seam at the
-date line).  Coastlines come from the Natural Earth 110m coastline (public domain,
-naturalearthdata.com) shipped in ``geodiff/data/cartopy``, so nothing is downloaded; a
-user's own ``CARTOPY_DATA_DIR`` or ``cartopy.config["pre_existing_data_dir"]`` wins.
+get their own extent, global grids a Robinson map.  Every grid is drawn cell by cell
+(each cell filled up to the midpoints between its neighbours, a global grid's cells
+closing the circle, so there is no seam at the date line and masked (NaN) cells such as
+land leave their valid neighbours drawn).  Coastlines come from the Natural Earth 110m
+coastline (public domain, naturalearthdata.com) shipped in ``geodiff/data/cartopy``, so
+nothing is downloaded; a copy of that file in the user's ``CARTOPY_DATA_DIR`` /
+``cartopy.config["pre_existing_data_dir"]`` or ``cartopy.config["data_dir"]`` wins.
 
 Diagnostics (:func:`rank_histogram_figure`, :func:`spread_skill_figure`,
 :func:`spectra_figure`) are plain matplotlib.  matplotlib and cartopy are imported inside
@@ -15,7 +18,9 @@ PNG atomically.
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,13 +28,19 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from geodiff import analysis
+from geodiff import analysis, grid
 from geodiff.analysis import MEMBER, WAVENUMBER
 
 KINDS = ("members", "mean", "spread", "exceedance")
 STYLES = ("auto", "sequential", "diverging", "spread", "probability")
 CARTOPY_DATA = Path(__file__).resolve().parent / "data" / "cartopy"
-_SIGNED_WORDS = ("anom", "diff", "error", "bias", "residual", "change", "increment")
+# whole words (of the name, long_name and standard_name split at non-letters) that mark a
+# signed, anomaly-like field; substrings would also catch "diffuse" or "exchange"
+_SIGNED_WORDS = frozenset({
+    "anom", "anoms", "anomaly", "anomalies", "diff", "diffs", "difference", "differences",
+    "error", "errors", "bias", "biases", "residual", "residuals", "change", "changes",
+    "increment", "increments", "tendency", "delta", "departure", "departures"})
+COASTLINE = Path("shapefiles/natural_earth/physical/ne_110m_coastline.shp")
 
 
 def offline_coastlines() -> Path:
@@ -48,6 +59,39 @@ def offline_coastlines() -> Path:
     return Path(cartopy.config["pre_existing_data_dir"])
 
 
+def coastline_file() -> Path:
+    """The Natural Earth 110m coastline to draw: the user's copy, else geodiff's.
+
+    Looks where cartopy would (``pre_existing_data_dir``, then ``data_dir``) and falls back
+    to the file shipped in :data:`CARTOPY_DATA` when neither holds it, so a
+    ``CARTOPY_DATA_DIR`` set for other Natural Earth files never makes a map download.
+    """
+    import cartopy
+
+    for key in ("pre_existing_data_dir", "data_dir"):
+        folder = cartopy.config.get(key)
+        if folder and str(folder) not in ("", ".") and (Path(folder) / COASTLINE).is_file():
+            return Path(folder) / COASTLINE
+    return CARTOPY_DATA / COASTLINE
+
+
+@functools.lru_cache(maxsize=4)
+def _coastline_geometries(path: str) -> tuple[Any, ...]:
+    import cartopy.io.shapereader as shpreader
+
+    return tuple(shpreader.Reader(path).geometries())
+
+
+def _add_coastlines(ax: Any) -> None:
+    """Coastlines from :func:`coastline_file` (never cartopy's downloader)."""
+    import cartopy.crs as ccrs
+    import cartopy.feature as cfeature
+
+    feature = cfeature.ShapelyFeature(_coastline_geometries(str(coastline_file())),
+                                      ccrs.PlateCarree(), facecolor="none", edgecolor="black")
+    ax.add_feature(feature, linewidth=0.6)
+
+
 # ---------------------------------------------------------------------------------------
 # helpers
 
@@ -55,7 +99,10 @@ def offline_coastlines() -> Path:
 def _check_out(out: str | Path) -> Path:
     out = Path(out)
     if out.suffix.lower() != ".png":
-        raise ValueError(f"{out=} must be a .png path (figures are saved as PNG)")
+        raise ValueError(f"out={str(out)!r} must be a .png path (figures are saved as PNG)")
+    if out.is_dir():
+        raise ValueError(f"out={str(out)!r} is an existing folder; give the path of a .png "
+                         f"file, e.g. {str(out / 'map.png')!r}")
     return out
 
 
@@ -72,9 +119,20 @@ def _save(fig: Any, out: Path, dpi: int = 110) -> Path:
     return out
 
 
+def _on_grid(da: xr.DataArray, member: bool) -> bool:
+    """Whether ``da`` is a field on a lat/lon grid (with a member dim when ``member``)."""
+    try:
+        analysis.lat_lon_dims(da)
+    except ValueError:
+        return False
+    return MEMBER in da.dims or not member
+
+
 def _variable(obj: xr.Dataset | xr.DataArray, variable: Hashable | None,
               name: str) -> xr.DataArray:
-    """The DataArray to draw: ``obj`` itself, ``obj[variable]``, or the first data variable."""
+    """The DataArray to draw: ``obj`` itself, ``obj[variable]``, or by default the first
+    data variable on the lat/lon grid (with a ``member`` dim for an ensemble ``ens``), so
+    CF auxiliaries such as ``time_bnds`` or a grid mapping are skipped."""
     if isinstance(obj, xr.DataArray):
         return obj
     if not isinstance(obj, xr.Dataset):
@@ -83,25 +141,58 @@ def _variable(obj: xr.Dataset | xr.DataArray, variable: Hashable | None,
     if variable is None:
         if not obj.data_vars:
             raise ValueError(f"{name} has no data variables")
-        variable = next(iter(obj.data_vars))
+        fields = [v for v in obj.data_vars if _on_grid(obj[v], member=name == "ens")]
+        variable = fields[0] if fields else next(iter(obj.data_vars))
     if variable not in obj.data_vars:
         raise ValueError(f"{variable=} not in {name} (has {list(obj.data_vars)}); "
                          f"pass variable= naming one of them")
     return obj[variable]
 
 
+def _as_label(coord: xr.DataArray | Any, value: Any) -> Any:
+    """``value`` in the dtype of ``coord`` when it is text for a numeric coordinate (labels
+    typed on the command line: ``--sel level=500``, ``--member 3``)."""
+    kind = np.asarray(coord).dtype.kind
+    if isinstance(value, str) and kind in "iuf":
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        return int(number) if kind in "iu" and number.is_integer() else number
+    if isinstance(value, (list, tuple)):
+        return [_as_label(coord, v) for v in value]
+    return value
+
+
 def _one_field(da: xr.DataArray, sel: Mapping[str, Any] | None) -> xr.DataArray:
-    """``da`` at one field: ``sel`` (labels) for the given sample dims, index 0 for the rest."""
+    """``da`` at one field: ``sel`` (labels) for the given sample dims, index 0 for the rest.
+
+    A key may also be a 1-D coordinate along a sample dim (e.g. ``year`` along ``time`` in
+    the files of ``geodiff generate``): the first field where it equals the value.
+    """
     lat, lon = analysis.lat_lon_dims(da)
+    samples = analysis.sample_dims(da)
     sel = dict(sel or {})
-    bad = [k for k in sel if k not in da.dims]
+    bad = [k for k in sel if k not in samples and not (
+        k in da.coords and da[k].ndim == 1 and da[k].dims[0] in samples)]
     if bad:
-        raise ValueError(f"sel keys {bad} are not dims of {da.name!r} (dims={list(da.dims)}); "
-                         f"select with the sample dims {analysis.sample_dims(da)}")
+        raise ValueError(f"sel keys {bad} are not sample dims of {da.name!r} (dims="
+                         f"{list(map(str, da.dims))}); select with the sample dims {samples} "
+                         f"or a 1-D coordinate along them (lat/lon and {MEMBER!r} are mapped "
+                         "whole)")
+    by_label = {k: _as_label(da[k], v) for k, v in sel.items() if k in da.dims}
+    by_coord = {k: _as_label(da[k], v) for k, v in sel.items() if k not in da.dims}
     try:
-        da = da.sel(sel)
-    except KeyError as err:
-        raise ValueError(f"{sel=} not found in the coordinates of {da.name!r}: {err}") from err
+        da = da.sel(by_label)
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"sel={by_label} not found in the coordinates of {da.name!r}: "
+                         f"{err}") from err
+    for k, v in by_coord.items():
+        hits = np.flatnonzero(np.isin(np.asarray(da[k].values), np.atleast_1d(v)))
+        if hits.size == 0:
+            raise ValueError(f"sel {k}={v!r}: no field of {da.name!r} has it (has "
+                             f"{np.unique(da[k].values)[:8].tolist()}...)")
+        da = da.isel({da[k].dims[0]: hits})
     return da.isel({d: 0 for d in da.dims if d not in (MEMBER, lat, lon)})
 
 
@@ -110,7 +201,8 @@ def _matching_field(obs: xr.DataArray, ens: xr.DataArray, field: xr.DataArray
     """The field of ``obs`` at the sample-dim labels of ``field`` (one field of ``ens``).
 
     Matched by label where both carry a coordinate (the observations may cover more fields,
-    or order them differently), else by the field's position in ``ens``.
+    or order them differently), else by the field's position in ``ens``; then put on the
+    grid of ``field`` (:func:`_on_grid_of`).
     """
     pick: dict[str, Any] = {}
     for d in analysis.sample_dims(ens):
@@ -128,7 +220,35 @@ def _matching_field(obs: xr.DataArray, ens: xr.DataArray, field: xr.DataArray
         else:
             pick[d] = (int(ens.indexes[d].get_loc(field[d].values[()]))
                        if d in ens.indexes and d in field.coords else 0)
-    return obs.isel(pick)
+    return _on_grid_of(obs.isel(pick), field)
+
+
+def _on_grid_of(obs: xr.DataArray, field: xr.DataArray) -> xr.DataArray:
+    """``obs`` ``(lat, lon)`` on the latitudes and longitudes of ``field``, with its names.
+
+    The observations may store the grid in float32 (values equal to 1e-6 relative), in the
+    other longitude convention (-180..180 vs 0..360), in another order, under other dim
+    names, or cover a larger area; every point of ``field`` must be among them.  Without
+    this, ``mean - obs`` aligns on exact labels and silently loses the points that differ.
+    """
+    lat, lon = analysis.lat_lon_dims(field)
+    o_lat, o_lon = analysis.lat_lon_dims(obs)
+    pick, coords = {}, {}
+    for d, od, circular in ((lat, o_lat, False), (lon, o_lon, True)):
+        want = np.asarray(field[d].values, dtype=np.float64)
+        have = np.asarray(obs[od].values, dtype=np.float64)
+        j = grid.match_values(want, have, 360.0 if circular else None,
+                              atol=1e-6 * max(1.0, float(np.abs(want).max())))
+        missing = want[j < 0]
+        if missing.size:
+            raise ValueError(f"obs {obs.name!r} is not on the ensemble's grid: {d} "
+                             f"{missing[:4].tolist()} of ens not in obs {od} "
+                             f"({have[:4].tolist()}...); regrid the observations to the "
+                             f"ensemble's grid")
+        pick[od], coords[d] = j, field[d].values
+    out = obs.isel(pick).rename({k: v for k, v in ((o_lat, lat), (o_lon, lon)) if k != v})
+    out = out.drop_vars([c for c in out.coords if c not in out.dims], errors="ignore")
+    return out.assign_coords(coords).transpose(lat, lon)
 
 
 def _label(da: xr.DataArray) -> str:
@@ -154,7 +274,7 @@ def _is_signed(da: xr.DataArray, lo: float, hi: float) -> bool:
     """Anomaly-like: named so, or values on both sides of 0 with comparable magnitudes."""
     text = " ".join(str(x).lower() for x in (da.name, da.attrs.get("long_name"),
                                              da.attrs.get("standard_name")) if x)
-    if any(w in text for w in _SIGNED_WORDS):
+    if _SIGNED_WORDS & set(re.split(r"[^a-z]+", text)):
         return True
     return lo < 0 < hi and min(-lo, hi) > 0.1 * max(-lo, hi)
 
@@ -200,57 +320,102 @@ def _contiguous_lon(lon: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return xs, order
 
 
-def _map_axes(fig: Any, rows: int, cols: int, i: int, lat: np.ndarray, lon: np.ndarray,
-              periodic: bool) -> Any:
-    """A GeoAxes on the data: Robinson for a global grid, else PlateCarree on its extent.
+def _lon_window(lon: np.ndarray, periodic: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``(x, order)``: the longitudes ``lon[order]`` increasing, as one gap-free window.
 
-    A longitude-periodic map is centred at ``lon[0] + 180``, so the grid's closing column
-    (see :func:`_mesh_xy`) ends exactly on the map edge and no cell straddles it.
+    A global grid keeps its convention (-180..180 when it has negative longitudes, else
+    0..360) whatever the storage order (e.g. rolled ``180 .. 350, 0 .. 170``); a regional
+    one is :func:`_contiguous_lon`.
+    """
+    if not periodic:
+        return _contiguous_lon(lon)
+    base = -180.0 if float(np.min(lon)) < 0.0 else 0.0
+    x = np.mod(np.asarray(lon, dtype=np.float64) - base, 360.0) + base
+    order = np.argsort(x, kind="stable")
+    return x[order], order
+
+
+def _edges(c: np.ndarray, *, periodic: bool = False, lat: bool = False) -> np.ndarray:
+    """Cell edges ``(n + 1,)`` of centres ``c`` (in their order): midpoints between
+    neighbours, half a spacing beyond the ends; periodic longitudes close the circle (the
+    edges span exactly 360 deg) and latitudes stop at the poles."""
+    c = np.asarray(c, dtype=np.float64)
+    if c.size == 1:
+        return np.array([c[0] - 0.5, c[0] + 0.5])
+    mid = 0.5 * (c[:-1] + c[1:])
+    if periodic:
+        wrap = 0.5 * (c[-1] + c[0] + 360.0)
+        return np.concatenate([[wrap - 360.0], mid, [wrap]])
+    edges = np.concatenate([[c[0] - 0.5 * (c[1] - c[0])], mid, [c[-1] + 0.5 * (c[-1] - c[-2])]])
+    return np.clip(edges, -90.0, 90.0) if lat else edges
+
+
+def _map_axes(fig: Any, rows: int, cols: int, i: int, x_edges: np.ndarray,
+              y_edges: np.ndarray, periodic: bool, robinson: bool) -> Any:
+    """A GeoAxes on the data: Robinson for a global grid (``robinson``: periodic and more
+    than 120 deg of latitude), else PlateCarree on its extent.
+
+    A longitude-periodic map is centred half way round from the grid's western cell edge,
+    so the cells (:func:`_cells_xy`) end exactly on the map edges and none straddles them.
     """
     import cartopy.crs as ccrs
 
-    if periodic and float(np.ptp(lat)) > 120.0:
-        ax = fig.add_subplot(rows, cols, i + 1,
-                             projection=ccrs.Robinson(central_longitude=float(lon[0]) + 180.0))
-        ax.set_global()
-        return ax
-    dlon = float(np.median(np.abs(np.diff(lon)))) if lon.size > 1 else 1.0
-    dlat = float(np.median(np.abs(np.diff(lat)))) if lat.size > 1 else 1.0
+    y0, y1 = float(np.min(y_edges)), float(np.max(y_edges))
     if periodic:
-        proj = ccrs.PlateCarree(central_longitude=float(lon[0]) + 180.0)
+        centre = float(x_edges[0]) + 180.0
+        if robinson:
+            ax = fig.add_subplot(rows, cols, i + 1,
+                                 projection=ccrs.Robinson(central_longitude=centre))
+            ax.set_global()
+            return ax
+        proj = ccrs.PlateCarree(central_longitude=centre)
         x0, x1 = -180.0, 180.0
     else:
-        centre = 0.5 * float(lon.min() + lon.max())
+        centre = 0.5 * float(x_edges[0] + x_edges[-1])
         proj = ccrs.PlateCarree(central_longitude=centre)
-        x0, x1 = float(lon.min()) - 0.5 * dlon - centre, float(lon.max()) + 0.5 * dlon - centre
+        x0, x1 = float(x_edges[0]) - centre, float(x_edges[-1]) - centre
     ax = fig.add_subplot(rows, cols, i + 1, projection=proj)
-    y0 = max(-90.0, float(lat.min()) - 0.5 * dlat)
-    y1 = min(90.0, float(lat.max()) + 0.5 * dlat)
     ax.set_extent([x0, x1, y0, y1], crs=proj)
     return ax
 
 
 def _mesh_xy(field: xr.DataArray, periodic: bool
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
-    """``(lon, lat, data (lat, lon), shading)`` for ``pcolormesh``.
+    """``(lon, lat, data (lat, lon), shading)`` at the grid points (for ``contour``).
 
-    A global grid gets the cyclic column ``x[n] = x[0] + 360`` (as ``add_cyclic_point`` does,
-    without its exact-spacing check, which float32 coordinates such as OSTIA's fail) and
-    Gouraud shading between the points, so the field closes around the globe without a
-    seam; a regional grid is drawn cell by cell (``nearest``) on its longitudes made one
-    gap-free window (:func:`_contiguous_lon`).
+    The longitudes are :func:`_lon_window`; a global grid gets the cyclic column
+    ``x[n] = x[0] + 360`` (as ``add_cyclic_point`` does, without its exact-spacing check,
+    which float32 coordinates such as OSTIA's fail), so contours close around the globe.
     """
     lat, lon = analysis.lat_lon_dims(field)
     data = np.asarray(field.transpose(lat, lon).values, dtype=np.float64)  # (lat, lon)
-    x = np.asarray(field[lon].values, dtype=np.float64)
+    x, order = _lon_window(np.asarray(field[lon].values, dtype=np.float64), periodic)
     y = np.asarray(field[lat].values, dtype=np.float64)
-    if not periodic:
-        x, order = _contiguous_lon(x)  # a region across the date line stays one block
-        return x, y, data[:, order], "nearest"
-    data = np.concatenate([data, data[:, :1]], axis=1)  # (lat, lon + 1)
-    x = np.append(x, x[0] + 360.0)
-    x[-1] -= 1e-6  # PROJ maps +180 deg from the centre to -180: stay just inside the edge
-    return x, y, np.ma.masked_invalid(data), "gouraud"
+    data = data[:, order]
+    if periodic:
+        data = np.concatenate([data, data[:, :1]], axis=1)  # (lat, lon + 1)
+        x = np.append(x, x[0] + 360.0)
+    return x, y, np.ma.masked_invalid(data), "nearest"
+
+
+def _cells_xy(field: xr.DataArray, periodic: bool
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(lon edges (n_lon + 1,), lat edges (n_lat + 1,), data (lat, lon))`` for a flat
+    ``pcolormesh``: every cell drawn, a NaN cell left blank without touching its neighbours.
+
+    A global grid's edges span the circle exactly; the outer two are moved 1e-6 deg inwards
+    (PROJ maps +180 deg from the map centre to -180, which would stretch the last column
+    across the map).
+    """
+    lat, lon = analysis.lat_lon_dims(field)
+    data = np.asarray(field.transpose(lat, lon).values, dtype=np.float64)  # (lat, lon)
+    x, order = _lon_window(np.asarray(field[lon].values, dtype=np.float64), periodic)
+    x_edges = _edges(x, periodic=periodic)
+    if periodic:
+        x_edges[0] += 1e-6
+        x_edges[-1] -= 1e-6
+    y_edges = _edges(np.asarray(field[lat].values, dtype=np.float64), lat=True)
+    return x_edges, y_edges, np.ma.masked_invalid(data[:, order])
 
 
 # ---------------------------------------------------------------------------------------
@@ -292,15 +457,22 @@ def map_figure(fields: Sequence[xr.DataArray], *, titles: Sequence[str] | None =
     import cartopy.crs as ccrs
     from matplotlib.figure import Figure
 
+    values = [np.asarray(f.values, dtype=np.float64) for f in fields]
+    finite = [v[np.isfinite(v)] for v in values]
+    if not any(v.size for v in finite):
+        raise ValueError(f"nothing to draw: every value of the panels {titles} is NaN (a "
+                         "fully masked field); select a field with data (sel=, CLI --sel "
+                         "DIM=VALUE)")
     offline_coastlines()
     lat_name, lon_name = analysis.lat_lon_dims(fields[0])
     lat = np.asarray(fields[0][lat_name].values, dtype=np.float64)
     lon = np.asarray(fields[0][lon_name].values, dtype=np.float64)
     periodic = _is_periodic(lon)
-    if not periodic:
-        lon = _contiguous_lon(lon)[0]
-    lo = float(min(np.nanmin(f.values) for f in fields))
-    hi = float(max(np.nanmax(f.values) for f in fields))
+    lon = _lon_window(lon, periodic)[0]
+    x_edges = _edges(lon, periodic=periodic)
+    y_edges = _edges(lat, lat=True)
+    lo = float(min(v.min() for v in finite if v.size))
+    hi = float(max(v.max() for v in finite if v.size))
     kw = _style(style, fields[0], lo, hi)
 
     cols = min(ncols, len(fields))
@@ -309,15 +481,16 @@ def map_figure(fields: Sequence[xr.DataArray], *, titles: Sequence[str] | None =
     fig = Figure(figsize=(4.2 * cols, max(1.5, 4.2 * aspect) * rows + 1.0))
     axes, mesh = [], None
     for i, (field, title) in enumerate(zip(fields, titles)):
-        ax = _map_axes(fig, rows, cols, i, lat, lon, periodic)
-        x, y, data, shading = _mesh_xy(field, periodic)
-        mesh = ax.pcolormesh(x, y, data, transform=ccrs.PlateCarree(), shading=shading, **kw)
+        ax = _map_axes(fig, rows, cols, i, x_edges, y_edges, periodic,
+                       robinson=periodic and float(np.ptp(lat)) > 120.0)
+        x, y, data = _cells_xy(field, periodic)
+        mesh = ax.pcolormesh(x, y, data, transform=ccrs.PlateCarree(), shading="flat", **kw)
         if contour is not None and contour_level is not None:
             cx, cy, cdata, _ = _mesh_xy(contour, periodic)
-            if np.nanmin(cdata) < contour_level < np.nanmax(cdata):
+            if cdata.count() and cdata.min() < contour_level < cdata.max():
                 ax.contour(cx, cy, cdata, levels=[contour_level], colors="k",
                            linewidths=0.9, transform=ccrs.PlateCarree())
-        ax.coastlines(resolution="110m", linewidth=0.6)
+        _add_coastlines(ax)
         ax.set_title(title, fontsize=9)
         axes.append(ax)
     fig.colorbar(mesh, ax=axes, orientation="horizontal", shrink=0.7, pad=0.06,
@@ -370,7 +543,8 @@ def ensemble_figure(ens: xr.Dataset | xr.DataArray, kind: str, *,
 
     if kind == "members":
         labels = field[MEMBER].values
-        picks = (labels[:4] if member is None else np.atleast_1d(member)).tolist()
+        picks = (labels[:4] if member is None
+                 else np.atleast_1d(_as_label(labels, member))).tolist()
         missing = [p for p in picks if p not in labels]
         if missing:
             raise ValueError(f"member labels {missing} not in ens (has {labels[:8].tolist()}...)")
@@ -393,7 +567,8 @@ def ensemble_figure(ens: xr.Dataset | xr.DataArray, kind: str, *,
                           label=f"std. dev. of {_label(da)}", suptitle=suptitle)
     prob = analysis.exceedance_probability(field, threshold)
     units = da.attrs.get("units", "")
-    label = f"P({da.name} > {threshold:g} {units})".replace(" )", ")")
+    name = da.name if da.name is not None else "value"
+    label = f"P({name} > {threshold:g} {units})".replace(" )", ")")
     return map_figure([prob], titles=[f"exceedance probability ({m} members)"],
                       style="probability", label=label, suptitle=suptitle,
                       contour=truth, contour_level=threshold)

@@ -147,3 +147,92 @@ def test_negative_seed_names_the_flag(tmp_path, capsys):
               str(tmp_path / "e.nc")])
     assert err.value.code == 2
     assert "--seed '-1': expected an integer >= 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["fill-gaps", "RUN", "OBS", "--steps", "0"], "--steps '0': expected an integer >= 1"),
+    (["fill-gaps", "RUN", "OBS", "--steps", "-3"], "--steps '-3': expected an integer >= 1"),
+    (["fill-gaps", "RUN", "OBS", "--resample", "0"], "--resample '0': expected an integer"),
+    (["fill-gaps", "RUN", "OBS", "--batch-size", "-1"], "--batch-size '-1': expected an"),
+    (["generate", "RUN", "--compute-batch", "0"], "--compute-batch '0': expected an"),
+    (["generate", "RUN", "--members", "two"], "--members 'two': expected an integer >= 1"),
+    (["generate", "RUN", "--device", "gpu"], "--device 'gpu' is not a device"),
+    (["train", "quickstart", "--device", "cuda0"], "--device 'cuda0' is not a device"),
+])
+def test_bad_numbers_and_devices_are_refused_before_any_work(tmp_path, capsys, args, message):
+    """fill-gaps took 0 as 'the recipe default' and -3 only after writing a .partial file;
+    --device gpu failed inside the run (exit 1, traceback)."""
+    from geodiff.cli import main
+    args = [str(tmp_path / "x") if a in ("RUN", "OBS") else a for a in args]
+    with pytest.raises(SystemExit) as err:
+        main([*args, "--out", str(tmp_path / "e.nc")] if args[0] != "train" else args)
+    assert err.value.code == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_evaluate_and_train_refuse_an_existing_file_as_out_before_work(tmp_path, capsys,
+                                                                       monkeypatch):
+    import importlib
+
+    from geodiff.cli import main
+    train_module = importlib.import_module("geodiff.train")  # geodiff.train is also a function
+    (tmp_path / "scores.json").write_text("{}")
+    code = main(["evaluate", str(tmp_path / "ens.nc"), "--obs", str(tmp_path / "obs.nc"),
+                 "--out", str(tmp_path / "scores.json")])
+    assert code == 2
+    assert "--out '" in (err := capsys.readouterr().err) and "is an existing file" in err
+
+    def no_data(recipe):
+        raise AssertionError("the data was prepared before --out was checked")
+
+    monkeypatch.setattr(train_module, "prepare_data", no_data)
+    code = main(["train", "quickstart", "--out", str(tmp_path / "scores.json"), "--device",
+                 "cpu"])
+    assert code == 2
+    assert "is an existing file; the run is a folder" in capsys.readouterr().err
+
+
+def small_ensemble_file(path: Path) -> Path:
+    """(member 3, time 3, lat 4, lon 5) with a ``year`` coordinate and CF ``time_bnds``."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    ds = xr.Dataset(
+        {"time_bnds": (("time", "bnds"), np.zeros((3, 2))),
+         "tas": (("member", "time", "lat", "lon"), 280.0 + rng.normal(size=(3, 3, 4, 5)),
+                 {"units": "K", "long_name": "air temperature"})},
+        coords={"member": [0, 1, 2], "time": [0, 1, 2], "year": ("time", [2050, 2060, 2070]),
+                "lat": [30.0, 35.0, 40.0, 45.0], "lon": [0.0, 5.0, 10.0, 15.0, 20.0]})
+    ds.to_netcdf(path)
+    return path
+
+
+def test_plot_picks_the_field_and_members_from_the_command_line(tmp_path, capsys, monkeypatch):
+    from geodiff import plot
+    from geodiff.cli import main
+    figs = []
+    monkeypatch.setattr(plot, "_save", lambda fig, out, dpi=110: figs.append(fig) or out)
+    ens = small_ensemble_file(tmp_path / "ens with space.nc")
+    code = main(["plot", str(ens), "--kind", "members", "--sel", "year=2060", "--member", "2",
+                 "--member", "0", "--out", str(tmp_path / "m.png")])
+    assert code == 0, capsys.readouterr().err
+    assert "time=1" in figs[-1]._suptitle.get_text()
+    assert [ax.get_title() for ax in figs[-1].axes[:2]] == ["member 2", "member 0"]
+    assert main(["plot", str(ens), "--sel", "time=2", "--out", str(tmp_path / "m.png")]) == 0
+    assert "time=2" in figs[-1]._suptitle.get_text()
+    assert main(["plot", str(ens), "--sel", "year=1999", "--out", str(tmp_path / "m.png")]) == 2
+    assert "sel year=1999: no field" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["plot", str(ens), "--sel", "year", "--out", str(tmp_path / "m.png")])
+    assert "expected DIM=VALUE" in capsys.readouterr().err
+
+
+def test_dry_run_with_a_grid_that_needs_padding():
+    """--grid assumed pole padding everywhere: 37x49 (padded to 40x52, odd width 13 at the
+    coarsest level) failed although the real data trains (zero padding across the poles)."""
+    out = geodiff("train", "quickstart", "--dry-run", "--grid", "37x49", "--device", "cpu",
+                  "--set", "model.channels=[8,16,32]", "--set", "model.attention_levels=[]")
+    assert out.returncode == 0, out.stderr
+    assert "grid (lat x lon): 37 x 49, padded to 40 x 52" in out.stdout
+    bad = geodiff("train", "quickstart", "--dry-run", "--grid", "0x49")
+    assert bad.returncode == 2 and "--grid '0x49' must look like 32x64" in bad.stderr

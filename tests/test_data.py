@@ -414,7 +414,7 @@ def test_tensorstore_reader_errors(tmp_path):
 
 
 def test_match_values_finds_each_value_modulo_the_period_or_minus_one():
-    from geodiff.data import match_values
+    from geodiff.grid import match_values
 
     have = np.array([0.0, 90.0, 180.0, 270.0, 359.5])
     # -180 is 180, 360 is 0, -0.5 is 359.5 (wrapping past the sorted ends), 45 is absent

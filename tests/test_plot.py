@@ -169,7 +169,7 @@ def test_global_map_has_no_seam(offline, global_grid, tmp_path):
     (ax,) = geo_axes(fig)
     assert isinstance(ax.projection, ccrs.Robinson)
     mesh = data_mesh(ax)
-    assert mesh.get_array().shape == (19, 37)  # 36 longitudes + the cyclic column
+    assert mesh.get_array().shape == (19, 36)  # one cell per point, edges close the circle
     out = plot.plot_ensemble(ens, "mean", tmp_path / "global.png")
     assert_png(out)
     # The widest painted row of the image is the map's equator: from the left edge of the
@@ -260,3 +260,153 @@ def test_missing_member_dim_is_refused(regional, tmp_path):
     _, obs = regional
     with pytest.raises(ValueError, match="no 'member' dimension"):
         plot.plot_ensemble(obs, "mean", tmp_path / "x.png")
+
+
+# --------------------------------------------------------------------------------------
+# regressions: masked global fields, observations on another grid encoding, CF auxiliaries,
+# coastlines with a user data dir, colour styles, labels, sel
+
+
+def painted_pixels(fig, ax) -> int:
+    """Strongly coloured pixels (not white/grey/black) inside ``ax`` once ``fig`` is drawn."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    rgb = np.asarray(canvas.buffer_rgba())[..., :3].astype(float) / 255.0  # (H, W, 3)
+    box = ax.get_window_extent()
+    h = rgb.shape[0]
+    crop = rgb[int(h - box.y1):int(h - box.y0), int(box.x0):int(box.x1)]
+    return int(((crop.max(-1) - crop.min(-1)) > 0.25).sum())
+
+
+def test_isolated_valid_cells_of_a_masked_global_field_are_drawn(offline):
+    """Gouraud shading left out every triangle touching a NaN point: valid cells next to
+    land vanished, a field valid only on isolated cells (lakes, a narrow sea) drew nothing."""
+    lat, lon = np.arange(-87.5, 90.0, 5.0), np.arange(0.0, 360.0, 5.0)
+    ens, _ = make_ensemble(lat, lon, m=3, times=1)
+    la, lo = np.meshgrid(lat, lon, indexing="ij")
+    valid = (lo % 40 == 20) & (la % 20 == 12.5)  # 81 isolated cells
+    ens = ens.where(xr.DataArray(valid, dims=("lat", "lon"), coords={"lat": lat, "lon": lon}))
+    fig = plot.ensemble_figure(ens, "mean")
+    (ax,) = geo_axes(fig)
+    assert np.ma.count(data_mesh(ax).get_array()) == int(valid.sum())
+    assert painted_pixels(fig, ax) > 200
+    field = ens.tas.isel(member=0, time=0)
+    x, y, data = plot._cells_xy(field, periodic=True)  # cell edges: the whole globe
+    assert (y[0], y[-1]) == (-90.0, 90.0) and x[-1] - x[0] == pytest.approx(360.0)
+    assert data.shape == (36, 72) and np.ma.count(data) == int(valid.sum())
+
+
+def test_global_grid_stored_rolled_keeps_its_cells(offline):
+    ens, _ = make_ensemble(np.linspace(-85.0, 85.0, 18), np.arange(0.0, 360.0, 10.0), m=2)
+    rolled = ens.roll(lon=18, roll_coords=True).isel(lat=slice(None, None, -1))
+    field = rolled.tas.isel(member=0, time=0)
+    x, y, data = plot._cells_xy(field, periodic=True)
+    assert np.all(np.diff(x) > 0) and x[-1] - x[0] == pytest.approx(360.0)
+    np.testing.assert_array_equal(data, ens.tas.isel(member=0, time=0).values[::-1])
+
+
+@pytest.mark.parametrize("variant", ["float32", "lon 0..360", "names", "larger"])
+def test_observations_are_put_on_the_ensemble_grid(offline, variant):
+    """|mean - obs| aligned on exact labels: obs with float32 coordinates or the other
+    longitude convention lost every point (zero-size array error)."""
+    ens, obs = make_ensemble(np.linspace(15.1, 60.1, 10), np.linspace(-135.1, -45.1, 13))
+    o = {"float32": obs.assign_coords(lat=obs.lat.astype("float32"),
+                                      lon=obs.lon.astype("float32")),
+         "lon 0..360": obs.assign_coords(lon=obs.lon % 360).sortby("lon"),
+         "names": obs.rename(lat="latitude", lon="longitude"),
+         "larger": obs.reindex(lat=np.concatenate([[10.1], obs.lat.values]))}[variant]
+    fig = plot.ensemble_figure(ens, "spread", obs=o)
+    error = data_mesh(geo_axes(fig)[1]).get_array()
+    expected = abs(ens.tas.isel(time=0).mean("member") - obs.tas.isel(time=0))
+    np.testing.assert_allclose(np.ma.filled(error, np.nan), expected.values, rtol=1e-6)
+    with pytest.raises(ValueError, match="not on the ensemble's grid"):
+        plot.ensemble_figure(ens, "spread", obs=obs.assign_coords(lat=obs.lat + 1.0))
+
+
+def test_cf_auxiliary_variables_are_not_taken_for_the_ensemble(offline, regional, tmp_path):
+    ens, obs = regional
+    bounds = xr.Dataset({"time_bnds": (("time", "bnds"), np.zeros((3, 2)))})
+    ens_cf = bounds.merge(ens)
+    assert list(ens_cf.data_vars)[0] == "time_bnds"
+    fig = plot.ensemble_figure(ens_cf, "mean", obs=bounds.merge(obs))
+    assert fig._suptitle.get_text().startswith("tas ")
+    assert_png(plot.rank_histogram_figure(ens_cf, bounds.merge(obs), tmp_path / "rank.png"),
+               min_bytes=5_000)
+
+
+def test_a_user_data_dir_without_the_coastline_does_not_download(offline, regional,
+                                                                  monkeypatch, tmp_path):
+    """A CARTOPY_DATA_DIR holding other Natural Earth files (not the 110m coastline) made
+    ax.coastlines() download it."""
+    user = tmp_path / "user_cartopy"
+    user.mkdir()
+    monkeypatch.setitem(cartopy.config, "pre_existing_data_dir", user)
+    assert plot.coastline_file() == plot.CARTOPY_DATA / plot.COASTLINE
+    ens, _ = regional
+    out = plot.plot_ensemble(ens, "mean", tmp_path / "maps" / "mean.png")  # no download
+    assert_png(out)
+    fig = plot.ensemble_figure(ens, "mean")
+    assert any(isinstance(c, FeatureArtist) for c in geo_axes(fig)[0].collections)
+    copy = user / plot.COASTLINE  # a user's own copy wins
+    copy.parent.mkdir(parents=True)
+    for part in (plot.CARTOPY_DATA / plot.COASTLINE).parent.glob("ne_110m_coastline.*"):
+        (copy.parent / part.name).write_bytes(part.read_bytes())
+    assert plot.coastline_file() == copy
+
+
+def test_signed_style_matches_whole_words(offline, regional):
+    ens, _ = regional
+    diffuse = (ens.tas - 200.0).rename("rsdsdiff").assign_attrs(
+        standard_name="surface_diffuse_downwelling_shortwave_flux_in_air", units="W m-2",
+        long_name="Surface Diffuse Downwelling Shortwave Radiation")
+    mesh = data_mesh(geo_axes(plot.ensemble_figure(diffuse, "mean"))[0])
+    assert mesh.get_cmap().name == "viridis" and mesh.get_clim()[0] > 0
+    change = diffuse.rename("tas").assign_attrs(long_name="temperature change", units="K")
+    mesh = data_mesh(geo_axes(plot.ensemble_figure(change, "mean"))[0])
+    assert mesh.get_cmap().name == "RdBu_r"
+
+
+def test_unnamed_dataarray_labels(offline, regional):
+    ens, _ = regional
+    fig = plot.ensemble_figure(ens.tas.rename(None), "exceedance", threshold=280.0)
+    assert fig.axes[-1].get_xlabel() == "P(value > 280 K)"
+
+
+def test_sel_by_coordinate_along_a_dim_and_labels_typed_as_text(offline, regional):
+    ens, _ = regional
+    ens = ens.assign_coords(year=("time", [2050, 2060, 2070]))
+    fig = plot.ensemble_figure(ens, "mean", sel={"year": "2060"})
+    assert "time=1" in fig._suptitle.get_text()
+    np.testing.assert_allclose(data_mesh(geo_axes(fig)[0]).get_array().ravel(),
+                               ens.tas.sel(time=1).mean("member").values.ravel())
+    fig = plot.ensemble_figure(ens, "members", sel={"time": "2"}, member=["5", "1"])
+    assert [ax.get_title() for ax in geo_axes(fig)] == ["member 5", "member 1"]
+    assert "time=2" in fig._suptitle.get_text()
+    with pytest.raises(ValueError, match="sel year=1999: no field"):
+        plot.ensemble_figure(ens, "mean", sel={"year": 1999})
+    with pytest.raises(ValueError, match=r"sel keys \['lat'\] are not sample dims"):
+        plot.ensemble_figure(ens, "mean", sel={"lat": 15.0})
+
+
+def test_fully_masked_field_and_folder_out_are_refused_before_any_file(regional, tmp_path):
+    ens, _ = regional
+    with pytest.raises(ValueError, match="every value of the panels .* is NaN"):
+        plot.plot_ensemble(ens.where(ens.time > 0), "mean", tmp_path / "nan.png")
+    (tmp_path / "maps.png").mkdir()
+    with pytest.raises(ValueError, match="is an existing folder"):
+        plot.plot_ensemble(ens, "mean", tmp_path / "maps.png")
+    assert [p.name for p in tmp_path.iterdir()] == ["maps.png"]
+    assert list((tmp_path / "maps.png").iterdir()) == []
+
+
+def test_observations_across_the_date_line_in_the_other_convention(offline):
+    ens, obs = make_ensemble(np.linspace(20.0, 40.0, 5),
+                             np.array([170.0, 175.0, 180.0, -175.0, -170.0]), m=3)
+    o = obs.assign_coords(lon=obs.lon % 360).sortby("lon")  # 170 .. 190
+    fig = plot.ensemble_figure(ens, "spread", obs=o)
+    error = np.ma.filled(data_mesh(geo_axes(fig)[1]).get_array(), np.nan)
+    expected = abs(ens.tas.isel(time=0).mean("member") - obs.tas.isel(time=0))
+    _, order = plot._contiguous_lon(ens.lon.values)
+    np.testing.assert_allclose(error, expected.values[:, order])
