@@ -154,7 +154,9 @@ def check_matching(ens: xr.DataArray | xr.Dataset, obs: XrObj, *, ens_name: str 
 
     The non-member dimensions must be the same, with the same sizes and coordinate values
     (floats to 1e-6 relative, so float32 and float64 copies of a grid match); a ValueError
-    names the difference otherwise.  Returning ``obs`` with ``ens``'s index values keeps
+    names the difference otherwise.  Along a sample dimension (not lat/lon) ``obs`` may hold
+    more fields than ``ens``, e.g. a whole observation file: those with ``ens``'s labels are
+    selected.  Returning ``obs`` with ``ens``'s index values keeps
     xarray's alignment from silently dropping points that differ only by rounding.
     """
     require_member(ens, ens_name)
@@ -171,6 +173,15 @@ def check_matching(ens: xr.DataArray | xr.Dataset, obs: XrObj, *, ens_name: str 
                          f"per sample: select or squeeze it, e.g. {obs_name}.isel({MEMBER}=0)")
     ens_dims = {str(d) for d in ens.dims} - {MEMBER}
     obs_dims = {str(d) for d in obs.dims}
+    try:
+        spatial = set(lat_lon_dims(ens))
+    except ValueError:
+        spatial = set()
+    for d in sorted((ens_dims & obs_dims) - spatial):  # e.g. the whole observation file
+        if d in ens.indexes and d in obs.indexes and obs.indexes[d].is_unique \
+                and not _index_equal(ens.indexes[d], obs.indexes[d]) \
+                and bool(ens.indexes[d].isin(obs.indexes[d]).all()):
+            obs = obs.sel({d: np.asarray(ens.indexes[d])})
     if ens_dims != obs_dims:
         raise ValueError(
             f"{ens_name} and {obs_name} have different dims: {ens_name} (without {MEMBER!r}) "

@@ -66,8 +66,8 @@ def condition_cells(model: LoadedModel, conditions: Any) -> xr.Dataset:
     elif isinstance(conditions, Mapping):
         unknown = [k for k in conditions if k not in model.sample_dims and k != "year"]
         if unknown:
-            raise ValueError(f"conditions keys {unknown} are not sample dims of the model "
-                             f"({list(model.sample_dims)})")
+            raise ValueError(f"conditions keys {unknown} are neither sample dims of the "
+                             f"model ({list(model.sample_dims)}) nor 'year'")
         values = {k: np.atleast_1d(np.asarray(v)) for k, v in conditions.items()}
         if "time" in values and values["time"].dtype.kind in "USO" and all(
                 isinstance(t, str) for t in values["time"].ravel()):  # e.g. from JSON

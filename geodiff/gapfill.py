@@ -57,14 +57,18 @@ def fill_gaps(checkpoint: str | Path | LoadedModel, observed: xr.Dataset,
 
     if out is not None:
         check_output_path(out, overwrite)
-    if members is not None and (not isinstance(members, int) or members < 1):
-        raise ValueError(f"{members=} must be a positive integer")
+    for name, value in (("members", members), ("steps", steps), ("resample", resample),
+                        ("batch_size", batch_size)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1):
+            raise ValueError(f"{name}={value!r} must be a positive integer (or None for the "
+                             "recipe's value)")
     model = checkpoint if isinstance(checkpoint, LoadedModel) else load_model(checkpoint,
                                                                                 device=device)
-    members = members or model.recipe.sampling.members
-    steps = steps or model.recipe.sampling.steps
-    resample = resample or model.recipe.gapfill.resample
-    batch_size = batch_size or model.recipe.sampling.batch_size
+    members = model.recipe.sampling.members if members is None else members
+    steps = model.recipe.sampling.steps if steps is None else steps
+    resample = model.recipe.gapfill.resample if resample is None else resample
+    batch_size = model.recipe.sampling.batch_size if batch_size is None else batch_size
     if compute_batch is None:
         compute_batch = model.recipe.sampling.compute_batch
     if compute_batch is not None and compute_batch < 1:

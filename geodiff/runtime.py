@@ -21,7 +21,11 @@ def resolve_device(device: str | None = None) -> torch.device:
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank)
         return torch.device("cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"device={device!r} is not a device; use 'auto', 'cpu', 'cuda' or "
+                         "'cuda:N'") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} requested but CUDA is not available here; "
                          "use --device cpu (or auto)")

@@ -512,3 +512,16 @@ def test_datasets_with_cf_auxiliary_variables_are_scored_on_their_ensembles():
     assert "time" in per_time.dims and int(per_time.sum()) == int(obs.count())
     assert float(ens_ds.geodiff.spread_skill(obs_ds)["tas"]) == pytest.approx(
         float(an.spread_skill_ratio(ens, obs)))
+
+
+def test_observations_may_hold_more_fields_than_the_ensemble():
+    """A whole observation file (more times, another order) scores the ensemble's fields;
+    a field the observations lack, or another grid, is still refused."""
+    ens, obs = random_case(np.random.default_rng(31), m=4, shape=(6, 5, 6))
+    part = ens.isel(time=[4, 1])
+    shuffled = obs.isel(time=[5, 4, 3, 2, 1, 0])
+    xr.testing.assert_equal(an.crps_fair(part, shuffled), an.crps_fair(part, obs.isel(time=[4, 1])))
+    with pytest.raises(ValueError, match="dim 'time' has size"):
+        an.crps_fair(ens.assign_coords(time=ens.time + 100).isel(time=[0]), obs)
+    with pytest.raises(ValueError, match="coordinate 'lat' differs"):
+        an.crps_fair(part, shuffled.assign_coords(lat=shuffled.lat + 1.0))

@@ -742,5 +742,7 @@ def test_gap_filling_members_default_to_the_recipe(trained):
     obs["tas"] = obs["tas"].where(np.random.default_rng(2).random(obs["tas"].shape) > 0.3)
     filled = fill_gaps(trained["run"], obs, steps=2, resample=1, progress=False)
     assert filled.sizes["member"] == load_model(trained["run"]).recipe.sampling.members == 3
-    with pytest.raises(ValueError, match="members=0 must be a positive integer"):
-        fill_gaps(trained["run"], obs, members=0)
+    for key in ("members", "steps", "resample", "batch_size"):  # 0 is not "the default"
+        with pytest.raises(ValueError, match=f"{key}=0 must be a positive integer"):
+            fill_gaps(trained["run"], obs, **{key: 0}, out=trained["tmp"] / "never.nc")
+        assert not list(trained["tmp"].glob("never.nc*"))

@@ -30,3 +30,10 @@ def test_bf16_only_on_gpus_that_compute_it_natively(monkeypatch, capability, nat
         with pytest.raises(ValueError, match="no native bf16"):
             runtime.autocast(dev, "bf16")
     assert not runtime.native_bf16(torch.device("cpu"))
+
+
+def test_a_device_string_torch_does_not_know_is_a_value_error():
+    from geodiff.runtime import resolve_device
+
+    with pytest.raises(ValueError, match="device='gpu' is not a device; use 'auto', 'cpu'"):
+        resolve_device("gpu")
