@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     cat = sub.add_parser("catalog", help="list or describe datasets of the catalog")
-    cat_sub = cat.add_subparsers(dest="action", metavar="ACTION")
+    cat_sub = cat.add_subparsers(dest="action", metavar="ACTION", required=True)
     c_list = cat_sub.add_parser("list", help="list catalog entries")
     c_list.add_argument("--catalog", default=None, help="a user catalog YAML")
     c_show = cat_sub.add_parser("show", help="variables, dims, grid, time span, licence")
@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     c_show.add_argument("--catalog", default=None, help="a user catalog YAML")
 
     rec = sub.add_parser("recipe", help="check recipes")
-    rec_sub = rec.add_subparsers(dest="action", metavar="ACTION")
+    rec_sub = rec.add_subparsers(dest="action", metavar="ACTION", required=True)
     r_val = rec_sub.add_parser("validate", help="validate a recipe and print it resolved")
     r_val.add_argument("recipe", help="recipe YAML path or bundled recipe name")
     r_val.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -250,10 +250,8 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             for e in catalog.list_entries(args.catalog):
                 net = " (needs network)" if getattr(e, "needs_network", False) else ""
                 print(f"{e.name:28s} {e.description.splitlines()[0][:70]}{net}")
-        elif args.action == "show":
+        else:  # "show" (argparse requires one of the two)
             print(catalog.describe(args.name, args.catalog))
-        else:
-            parser.parse_args(["catalog", "--help"])
         return 0
     if cmd == "recipe":
         from geodiff.config import bundled_recipes, load_recipe
@@ -262,11 +260,9 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             recipe = load_recipe(args.recipe, args.set)
             print(recipe.to_yaml(), end="")
             print(f"# {args.recipe}: valid")
-        elif args.action == "list":
+        else:  # "list"
             for name, path in bundled_recipes().items():
                 print(f"{name:20s} {path}")
-        else:
-            parser.parse_args(["recipe", "--help"])
         return 0
     if cmd == "train":
         from geodiff.config import load_recipe

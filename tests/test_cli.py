@@ -33,6 +33,9 @@ def test_help_and_version():
         assert verb in out.stdout
     ver = geodiff("--version")
     assert ver.returncode == 0 and ver.stdout.strip() == f"geodiff {__version__}"
+    for verb in ("catalog", "recipe"):  # a verb without its action is bad input, like bare geodiff
+        bare = geodiff(verb)
+        assert bare.returncode == 2 and "required: ACTION" in bare.stderr, bare.stderr
 
 
 def test_catalog_list_and_show():
