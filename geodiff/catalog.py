@@ -616,13 +616,10 @@ def _on_longitudes_of(part: xr.Dataset, first: xr.Dataset) -> xr.Dataset:
     want, have = first[grid.LON].values, part[grid.LON].values
     if want.shape != have.shape or np.array_equal(want, have):
         return part
-    key_want = np.round(np.mod(want.astype(np.float64), 360.0), 6) % 360.0
-    key_have = np.round(np.mod(have.astype(np.float64), 360.0), 6) % 360.0
-    if len(set(key_have.tolist())) != key_have.size or \
-            sorted(key_want.tolist()) != sorted(key_have.tolist()):
+    order = grid.match_values(want.astype(np.float64), have.astype(np.float64), 360.0,
+                              atol=1e-6)
+    if (order < 0).any() or np.unique(order).size != order.size:
         return part
-    position = {k: i for i, k in enumerate(key_have.tolist())}
-    order = [position[k] for k in key_want.tolist()]
     out = part.isel({grid.LON: order})
     return out.assign_coords({grid.LON: (grid.LON, want, first[grid.LON].attrs)})
 

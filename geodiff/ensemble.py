@@ -489,13 +489,22 @@ def generate_ensemble(checkpoint: str | Path | LoadedModel, members: int | None 
         x = np.concatenate(parts).reshape(len(block), n_cells, *parts[0].shape[1:])
         return to_dataset(model, x, block, cells)
 
-    request = {"members": members,
-               "cells": [{k: str(v) for k, v in c.items()} for c in cell_dicts]}
-    if cell_fields is not None:  # other predictor values for the same cells: other members
-        request["condition_fields_sha256"] = hashlib.sha256(cell_fields.tobytes()).hexdigest()
-    return emit(block_dataset, blocks, members, attrs, out=out, request=request,
+    return emit(block_dataset, blocks, members, attrs, out=out,
+                request=resume_request(members, cell_dicts, cell_fields),
                 overwrite=overwrite, dist=dist, progress=progress,
                 layout=lambda: layout_dataset(model, cells))
+
+
+def resume_request(members: int, cell_dicts: list[dict[str, Any]],
+                   cell_fields: np.ndarray | None) -> dict[str, Any]:
+    """The part of a resume key that names what is generated: the member count, the cells
+    and (for ``conditioning.fields``) a hash of their predictors, since other predictor
+    values for the same cells make other members."""
+    request: dict[str, Any] = {"members": members,
+                               "cells": [{k: str(v) for k, v in c.items()} for c in cell_dicts]}
+    if cell_fields is not None:
+        request["condition_fields_sha256"] = hashlib.sha256(cell_fields.tobytes()).hexdigest()
+    return request
 
 
 def layout_dataset(model: LoadedModel, cells: xr.Dataset) -> xr.Dataset:

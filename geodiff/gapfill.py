@@ -25,6 +25,7 @@ from geodiff.ensemble import (
     member_seed,
     network_fields,
     on_model_grid,
+    resume_request,
     stack_channels,
     to_dataset,
     variable_attrs,
@@ -135,14 +136,10 @@ def fill_gaps(checkpoint: str | Path | LoadedModel, observed: xr.Dataset,
         ds[MEMBER].attrs = member_attrs  # xr.where drops coordinate attributes
         return ds
 
-    # the resume key: other observations (or other predictors) for the same cells are
-    # another ensemble, so a store written for them must not be resumed
-    request = {"members": members,
-               "cells": [{k: str(v) for k, v in c.items()} for c in cell_dicts],
-               "observed_sha256": hashlib.sha256(
-                   np.ascontiguousarray(np.where(known, arr, np.nan)).tobytes()).hexdigest()}
-    if cell_fields is not None:
-        request["condition_fields_sha256"] = hashlib.sha256(cell_fields.tobytes()).hexdigest()
+    # other observations of the same cells are another ensemble: not resumed from this one
+    request = resume_request(members, cell_dicts, cell_fields) | {
+        "observed_sha256": hashlib.sha256(
+            np.ascontiguousarray(np.where(known, arr, np.nan)).tobytes()).hexdigest()}
     return emit(block_dataset, blocks, members, attrs, out=out, request=request,
                 overwrite=overwrite, progress=progress,
                 layout=lambda: layout_dataset(model, cells))
